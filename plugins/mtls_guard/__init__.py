@@ -1,0 +1,1 @@
+"""The mtls-guard plugin (placeholder until the adapter lands)."""
