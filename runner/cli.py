@@ -1,0 +1,84 @@
+"""The ``mtls-guard`` command: ``run`` serves APISIX; the operator tools come from the plugin package.
+
+Exit codes: 0 success, 1 a tool's negative verdict (invalid policy, lint errors, denied request),
+2 usage error, 3 start-up failure (bad settings, socket unusable) — reported in one line first.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable, Sequence
+
+from .app import EXIT_STARTUP_FAILURE, run
+from .logs import configure_logging
+from .registry import PluginRegistry, RegistryError
+from .settings import SettingsError, load_settings
+
+__all__ = ["main"]
+
+Command = Callable[[argparse.Namespace], int]
+
+
+def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
+    p = sub.add_parser(
+        "run",
+        help="serve APISIX's ext-plugin socket",
+        description=(
+            "Serve APISIX on the Unix socket named by APISIX_LISTEN_ADDRESS (set by APISIX when it "
+            "spawns the runner through ext-plugin.cmd) or --listen."
+        ),
+    )
+    p.add_argument("--listen", help="socket path or unix:<path> (overrides APISIX_LISTEN_ADDRESS)")
+    p.add_argument("--config", help="YAML file with runner settings (see conf/runner.yaml)")
+    p.add_argument("--log-level", choices=("debug", "info", "warning", "error"))
+    p.add_argument("--log-file", help="also write log lines to this file")
+    p.add_argument("--call-timeout", type=float, help="seconds a plugin chain may take (default 10)")
+    p.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"))
+    p.set_defaults(command=_run)
+
+
+def _run(args: argparse.Namespace) -> int:
+    overrides = {
+        "listen": args.listen,
+        "log_level": args.log_level,
+        "log_file": args.log_file,
+        "call_timeout": args.call_timeout,
+        "event_loop": args.event_loop,
+    }
+    try:
+        settings = load_settings(environ=os.environ, config_file=args.config, overrides=overrides)
+        configure_logging(settings.log_level, settings.log_file)
+        registry = PluginRegistry.discover()
+    except (SettingsError, RegistryError, OSError) as exc:
+        print(f"mtls-guard: error: {exc}", file=sys.stderr)
+        return EXIT_STARTUP_FAILURE
+    return run(settings, registry)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mtls-guard",
+        description="Fine-grained mutual-TLS policy for Apache APISIX (ext-plugin runner + tools).",
+    )
+    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+    _add_run(sub)
+    try:
+        from plugins.mtls_guard import commands
+    except ImportError:  # the runner works without the bundled plugin's tools
+        pass
+    else:
+        commands.register(sub)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    command: Command = args.command
+    return command(args)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

@@ -1,0 +1,155 @@
+"""Conf tokens: PrepareConf's ordered plugin list, compiled once, kept with a sliding TTL.
+
+APISIX caches a token for up to ``APISIX_CONF_EXPIRE_TIME`` in a shared dict and again per worker,
+so one token can be used for nearly twice that long; every use therefore extends its life (as the
+Go runner does). The store is bounded: when full, the least recently used token goes, and APISIX's
+CONF_TOKEN_NOT_FOUND retry re-prepares it if it was still needed.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import ConfTokenNotFound, InvalidPluginConfig, UnknownPlugin
+from .plugin import Plugin
+from .protocol.messages import ConfEntry, PrepareConfRequest
+from .registry import PluginRegistry
+
+__all__ = ["Chain", "ChainLink", "ConfStore"]
+
+_MAX_TOKEN = 0xFFFFFFFF
+
+
+@dataclass(frozen=True, slots=True)
+class ChainLink:
+    """One plugin of a route with its compiled config."""
+
+    name: str
+    plugin: Plugin[Any]
+    conf: Any
+
+
+Chain = tuple[ChainLink, ...]
+
+
+@dataclass(slots=True)
+class _Entry:
+    chain: Chain
+    source: tuple[ConfEntry, ...]
+    key: str | None
+    expires: float
+
+
+class ConfStore:
+    """token -> compiled chain, with sliding expiry and an LRU bound.
+
+    Compiled configs are shared between tokens with the same (plugin, value): a thousand routes
+    with one policy hold one compiled policy.
+    """
+
+    def __init__(
+        self,
+        registry: PluginRegistry,
+        *,
+        ttl: float,
+        max_entries: int,
+        clock: Callable[[], float],
+        max_compiled: int | None = None,
+        first_token: int = 1,
+    ) -> None:
+        if ttl <= 0 or max_entries <= 0:
+            raise ValueError("ttl and max_entries must be positive")
+        self._registry = registry
+        self._ttl = ttl
+        self._max = max_entries
+        self._clock = clock
+        self._entries: OrderedDict[int, _Entry] = OrderedDict()
+        self._by_key: dict[str, int] = {}
+        self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()
+        self._max_compiled = max_compiled or max_entries
+        self._next = first_token
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    @property
+    def compiled_count(self) -> int:
+        return len(self._compiled)
+
+    def prepare(self, request: PrepareConfRequest) -> int:
+        """Compile every entry (in order) and return a token; raises InvalidPluginConfig."""
+        now = self._clock()
+        self._expire(now)
+        if request.key is not None:
+            token = self._by_key.get(request.key)
+            if token is not None:
+                entry = self._entries.get(token)
+                if entry is not None and entry.source == request.entries:
+                    entry.expires = now + self._ttl
+                    self._entries.move_to_end(token)
+                    return token
+        chain = tuple(self._link(i, e.name, e.value) for i, e in enumerate(request.entries))
+        token = self._new_token()
+        self._entries[token] = _Entry(chain, request.entries, request.key, now + self._ttl)
+        if request.key is not None:
+            self._by_key[request.key] = token
+        while len(self._entries) > self._max:
+            self._drop(next(iter(self._entries)))
+        return token
+
+    def lookup(self, token: int) -> Chain:
+        """The chain for ``token``, extending its life; ConfTokenNotFound if unknown or expired."""
+        entry = self._entries.get(token)
+        if entry is None:
+            raise ConfTokenNotFound(token)
+        now = self._clock()
+        if entry.expires <= now:
+            self._drop(token)
+            raise ConfTokenNotFound(token)
+        entry.expires = now + self._ttl
+        self._entries.move_to_end(token)
+        return entry.chain
+
+    def _link(self, index: int, name: str, value: str) -> ChainLink:
+        plugin = self._registry.get(name)
+        if plugin is None:
+            raise UnknownPlugin(name, index, self._registry.names)
+        cache_key = (name, value)
+        conf = self._compiled.get(cache_key, _MISSING)
+        if conf is _MISSING:
+            try:
+                conf = plugin.parse_conf(value)
+            except Exception as exc:
+                raise InvalidPluginConfig(name, index, str(exc) or type(exc).__name__) from exc
+            self._compiled[cache_key] = conf
+            if len(self._compiled) > self._max_compiled:
+                self._compiled.popitem(last=False)
+        else:
+            self._compiled.move_to_end(cache_key)
+        return ChainLink(name, plugin, conf)
+
+    def _new_token(self) -> int:
+        token = self._next
+        while token in self._entries or token == 0:
+            token = token % _MAX_TOKEN + 1
+        self._next = token % _MAX_TOKEN + 1
+        return token
+
+    def _expire(self, now: float) -> None:
+        # Entries are kept in last-use order and share one TTL, so expired ones are at the front.
+        while self._entries:
+            token, entry = next(iter(self._entries.items()))
+            if entry.expires > now:
+                break
+            self._drop(token)
+
+    def _drop(self, token: int) -> None:
+        entry = self._entries.pop(token)
+        if entry.key is not None and self._by_key.get(entry.key) == token:
+            del self._by_key[entry.key]
+
+
+_MISSING: Any = object()

@@ -1,0 +1,349 @@
+"""The plugin contract: what a plugin implements and the request/response objects it works on.
+
+A plugin parses its route config once per PrepareConf (``parse_conf``) into an immutable object;
+the runner then hands that object to ``on_request`` (ext-plugin-pre-req / post-req) or
+``on_response`` (ext-plugin-post-resp) for every call. Raising in ``parse_conf`` rejects the route
+config (APISIX answers 503 for that route); raising in a filter fails the call closed (503).
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from collections.abc import Mapping, Sequence
+from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
+
+from .protocol.codec import HTTPReqCall, HTTPRespCall
+from .protocol.messages import (
+    METHOD_NAMES,
+    ExtraInfoQuery,
+    Pairs,
+    ReqBodyQuery,
+    RespBodyQuery,
+    Rewrite,
+    Stop,
+    VarQuery,
+)
+
+__all__ = [
+    "BasePlugin",
+    "ExtraInfoChannel",
+    "HTTPRequest",
+    "HTTPResponse",
+    "Headers",
+    "Plugin",
+]
+
+ConfT = TypeVar("ConfT")
+ConfT_co = TypeVar("ConfT_co", covariant=True)
+
+
+class ExtraInfoChannel(Protocol):
+    """Sends ExtraInfo queries to APISIX (pipelined) and resolves with their results, in order."""
+
+    def query(self, queries: Sequence[ExtraInfoQuery]) -> Any: ...
+
+
+@runtime_checkable
+class Plugin(Protocol[ConfT]):
+    """What the runner needs from a plugin. See BasePlugin for defaults."""
+
+    name: str
+
+    def setup(self, options: Mapping[str, Any]) -> None:
+        """Called once at start-up with the plugin's section of the runner settings."""
+
+    def parse_conf(self, value: str) -> ConfT:
+        """Validate and compile one route config; raise (any exception) to reject it."""
+
+    async def on_request(self, conf: ConfT, request: HTTPRequest) -> Stop | None:
+        """Return a Stop to answer the client now; change ``request`` to rewrite it."""
+
+    async def on_response(self, conf: ConfT, response: HTTPResponse) -> None:
+        """Inspect or change the upstream response (ext-plugin-post-resp)."""
+
+
+class BasePlugin(Generic[ConfT]):
+    """Convenience base class: no-op filters and a raw-string config."""
+
+    name = ""
+
+    def setup(self, options: Mapping[str, Any]) -> None:
+        return None
+
+    def parse_conf(self, value: str) -> ConfT:
+        return value  # type: ignore[return-value]
+
+    async def on_request(self, conf: ConfT, request: HTTPRequest) -> Stop | None:
+        return None
+
+    async def on_response(self, conf: ConfT, response: HTTPResponse) -> None:
+        return None
+
+
+class Headers:
+    """Read-only multi-valued view of ``(name, value)`` pairs; lookups are case-insensitive."""
+
+    __slots__ = ("_index", "_pairs")
+
+    def __init__(self, pairs: Pairs) -> None:
+        self._pairs = pairs
+        self._index: dict[str, list[str | None]] | None = None
+
+    def _lookup(self) -> dict[str, list[str | None]]:
+        if self._index is None:
+            index: dict[str, list[str | None]] = {}
+            for name, value in self._pairs:
+                index.setdefault(name.lower(), []).append(value)
+            self._index = index
+        return self._index
+
+    def get(self, name: str, default: str | None = None) -> str | None:
+        """The first value of ``name`` (a flag without value gives ``default``)."""
+        values = self._lookup().get(name.lower())
+        if not values or values[0] is None:
+            return default
+        return values[0]
+
+    def get_all(self, name: str) -> tuple[str | None, ...]:
+        return tuple(self._lookup().get(name.lower(), ()))
+
+    def __contains__(self, name: object) -> bool:
+        return isinstance(name, str) and name.lower() in self._lookup()
+
+    def __len__(self) -> int:
+        return len(self._pairs)
+
+    @property
+    def pairs(self) -> Pairs:
+        return self._pairs
+
+
+def _text(raw: bytes | None) -> str | None:
+    return None if raw is None else raw.decode("utf-8", "surrogateescape")
+
+
+class _ExtraInfoMixin:
+    __slots__ = ()
+    _channel: ExtraInfoChannel
+    _vars: dict[str, str | None]
+
+    async def vars(self, *names: str) -> dict[str, str | None]:
+        """Variables (nginx/APISIX ``ctx.var``) in one pipelined round trip; absent ones are None."""
+        missing = [n for n in dict.fromkeys(names) if n not in self._vars]
+        if missing:
+            results = await self._channel.query([VarQuery(n) for n in missing])
+            for name, raw in zip(missing, results, strict=True):
+                self._vars[name] = _text(raw)
+        return {n: self._vars[n] for n in names}
+
+    async def var(self, name: str) -> str | None:
+        return (await self.vars(name))[name]
+
+
+class HTTPRequest(_ExtraInfoMixin):
+    """One HTTPReqCall as a plugin sees it; changes are collected into a single Rewrite."""
+
+    __slots__ = (
+        "_arg_changes",
+        "_args",
+        "_body",
+        "_body_loaded",
+        "_call",
+        "_channel",
+        "_header_changes",
+        "_headers",
+        "_new_body",
+        "_path",
+        "_resp_headers",
+        "_vars",
+        "state",
+    )
+
+    def __init__(self, call: HTTPReqCall, channel: ExtraInfoChannel) -> None:
+        self._call = call
+        self._channel = channel
+        self._vars: dict[str, str | None] = {}
+        self._headers: Headers | None = None
+        self._args: Headers | None = None
+        self._path: str | None = None
+        self._header_changes: dict[str, str | None] = {}
+        self._arg_changes: dict[str, list[str | None]] = {}
+        self._resp_headers: list[tuple[str, str]] = []
+        self._new_body: bytes | None = None
+        self._body: bytes | None = None
+        self._body_loaded = False
+        self.state: dict[str, Any] = {}
+        """Scratch space shared by the plugins of one call (e.g. an identity for later plugins)."""
+
+    # -- what APISIX sent ---------------------------------------------------------------------
+    @property
+    def id(self) -> int:
+        return self._call.id
+
+    @property
+    def conf_token(self) -> int:
+        return self._call.conf_token
+
+    @property
+    def method(self) -> str:
+        m = self._call.method
+        return METHOD_NAMES[m] if 0 <= m < len(METHOD_NAMES) else str(m)
+
+    @property
+    def path(self) -> str | None:
+        """The path as APISIX sent it (``$uri``, or ``$upstream_uri`` if a plugin changed it)."""
+        return self._call.path if self._path is None else self._path
+
+    @property
+    def src_ip(self) -> str | None:
+        raw = self._call.src_ip
+        if raw is None or len(raw) not in (4, 16):
+            return None
+        return str(ipaddress.ip_address(raw))
+
+    @property
+    def headers(self) -> Headers:
+        if self._headers is None:
+            self._headers = Headers(self._call.headers)
+        return self._headers
+
+    @property
+    def args(self) -> Headers:
+        if self._args is None:
+            self._args = Headers(self._call.args)
+        return self._args
+
+    @property
+    def call(self) -> HTTPReqCall:
+        """The raw decoded call (lazy view), for plugins that need the pairs as sent."""
+        return self._call
+
+    async def body(self) -> bytes | None:
+        """The request body (one ExtraInfo round trip, cached); None if there is none."""
+        if not self._body_loaded:
+            (self._body,) = await self._channel.query([ReqBodyQuery()])
+            self._body_loaded = True
+        return self._body
+
+    # -- changes ------------------------------------------------------------------------------
+    def set_path(self, path: str) -> None:
+        if not path.startswith("/") or "?" in path:
+            raise ValueError("path must start with '/' and carry no query (use set_arg)")
+        self._path = path
+
+    def set_header(self, name: str, value: str) -> None:
+        self._header_changes[_header_name(name)] = value
+
+    def delete_header(self, name: str) -> None:
+        self._header_changes[_header_name(name)] = None
+
+    def set_arg(self, name: str, *values: str) -> None:
+        """Replace every value of query arg ``name`` (several values make it repeated)."""
+        if not values:
+            raise ValueError("set_arg needs at least one value (use delete_arg)")
+        self._arg_changes[name] = list(values)
+
+    def delete_arg(self, name: str) -> None:
+        self._arg_changes[name] = [None]
+
+    def add_response_header(self, name: str, value: str) -> None:
+        self._resp_headers.append((_header_name(name), value))
+
+    def set_body(self, body: bytes) -> None:
+        if not body:
+            raise ValueError("APISIX ignores an empty body rewrite")
+        self._new_body = body
+
+    def rewrite(self) -> Rewrite | None:
+        """The Rewrite carrying only what plugins changed, or None when nothing changed."""
+        if not (
+            self._path is not None
+            or self._header_changes
+            or self._arg_changes
+            or self._resp_headers
+            or self._new_body is not None
+        ):
+            return None
+        return Rewrite(
+            path=self._path,
+            headers=tuple(self._header_changes.items()),
+            args=tuple((n, v) for n, vs in self._arg_changes.items() for v in vs),
+            resp_headers=tuple(self._resp_headers),
+            body=self._new_body,
+        )
+
+
+class HTTPResponse(_ExtraInfoMixin):
+    """One HTTPRespCall (ext-plugin-post-resp) as a plugin sees it."""
+
+    __slots__ = ("_body", "_body_loaded", "_call", "_channel", "_headers", "_new_body", "_status", "_vars")
+
+    def __init__(self, call: HTTPRespCall, channel: ExtraInfoChannel) -> None:
+        self._call = call
+        self._channel = channel
+        self._vars = {}
+        self._headers: list[tuple[str, str]] | None = None
+        self._status = 0
+        self._new_body: bytes | None = None
+        self._body: bytes | None = None
+        self._body_loaded = False
+
+    @property
+    def id(self) -> int:
+        return self._call.id
+
+    @property
+    def conf_token(self) -> int:
+        return self._call.conf_token
+
+    @property
+    def status(self) -> int:
+        return self._status or self._call.status
+
+    @property
+    def headers(self) -> Headers:
+        pairs = self._call.headers if self._headers is None else tuple(self._headers)
+        return Headers(pairs)
+
+    async def body(self) -> bytes | None:
+        """The upstream body (ExtraInfo RespBody, cached); None if APISIX has none."""
+        if not self._body_loaded:
+            (self._body,) = await self._channel.query([RespBodyQuery()])
+            self._body_loaded = True
+        return self._body
+
+    def set_status(self, status: int) -> None:
+        if not 100 <= status <= 599:
+            raise ValueError(f"status {status} outside 100..599")
+        self._status = status
+
+    def _editable_headers(self) -> list[tuple[str, str]]:
+        if self._headers is None:
+            self._headers = [(n, v) for n, v in self._call.headers if v is not None]
+        return self._headers
+
+    def set_header(self, name: str, value: str) -> None:
+        self.delete_header(name)
+        self._editable_headers().append((name, value))
+
+    def add_header(self, name: str, value: str) -> None:
+        self._editable_headers().append((name, value))
+
+    def delete_header(self, name: str) -> None:
+        key = name.lower()
+        self._headers = [(n, v) for n, v in self._editable_headers() if n.lower() != key]
+
+    def set_body(self, body: bytes) -> None:
+        self._new_body = body
+
+    def changes(self) -> tuple[int, tuple[tuple[str, str], ...], bytes | None]:
+        """(status, headers, body) for the reply. Headers, once touched, are sent in full because
+        APISIX replaces the upstream's whole header set with a non-empty list."""
+        headers = () if self._headers is None else tuple(self._headers)
+        return self._status, headers, self._new_body
+
+
+def _header_name(name: str) -> str:
+    if not name or any(c in name for c in "\r\n:\x00 "):
+        raise ValueError(f"invalid header name {name!r}")
+    return name.lower()

@@ -1,0 +1,203 @@
+"""The asyncio Unix-socket server: binding, connections, deadlines and shutdown.
+
+All protocol work happens in runner.session; this module only moves bytes and manages lifetimes.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import signal
+import socket
+import stat
+import time
+from collections.abc import Iterable
+
+from .confcache import ConfStore
+from .registry import PluginRegistry
+from .session import RPCObserver, Session, SessionConfig
+from .settings import Settings
+
+__all__ = ["RunnerServer", "StartupError", "bind_unix_socket"]
+
+log = logging.getLogger("mtls_guard.runner")
+
+# How often deadlines and idle connections are checked; cheaper than a timer per call.
+_SWEEP_INTERVAL = 0.25
+
+
+class StartupError(RuntimeError):
+    """The runner cannot start (socket path unusable, plugin setup failed)."""
+
+
+def bind_unix_socket(path: str, mode: int) -> socket.socket:
+    """Bind a listening socket at ``path``, replacing a stale socket but never another file."""
+    try:
+        st = os.lstat(path)
+    except FileNotFoundError:
+        pass
+    except OSError as exc:
+        raise StartupError(f"cannot inspect socket path {path}: {exc.strerror}") from exc
+    else:
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StartupError(f"socket path {path} exists and is not a socket; refusing to replace it")
+        os.unlink(path)  # stale socket left by a killed runner (APISIX respawns after 3 s)
+    directory = os.path.dirname(path)
+    if not os.path.isdir(directory):
+        raise StartupError(f"socket directory {directory} does not exist")
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.bind(path)
+        # nginx workers may run as another user ("nobody"); they need write access to connect.
+        os.chmod(path, mode)
+        sock.listen(1024)
+        sock.setblocking(False)
+    except OSError as exc:
+        sock.close()
+        raise StartupError(f"cannot listen on {path}: {exc.strerror or exc}") from exc
+    return sock
+
+
+class _Connection(asyncio.Protocol):
+    __slots__ = ("_server", "session", "transport")
+
+    def __init__(self, server: RunnerServer) -> None:
+        self._server = server
+        self.transport: asyncio.Transport | None = None
+        self.session: Session | None = None
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.session = Session(
+            self._server.session_config, transport.write, transport.close, self._server.loop.call_soon
+        )
+        self._server.connections.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        assert self.session is not None
+        self.session.data_received(data)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if self.session is not None:
+            self.session.connection_lost()
+        self._server.connections.discard(self)
+        self._server.connection_closed()
+
+
+class RunnerServer:
+    """Serves one socket until ``stop()``; ``run()`` wraps the whole lifecycle."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        registry: PluginRegistry,
+        *,
+        observers: Iterable[RPCObserver] = (),
+    ) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.store = ConfStore(
+            registry, ttl=settings.token_ttl, max_entries=settings.max_conf_entries, clock=time.monotonic
+        )
+        self.session_config = SessionConfig(
+            store=self.store,
+            call_timeout=settings.call_timeout,
+            max_payload=settings.max_frame_bytes,
+            observers=tuple(observers),
+        )
+        self.connections: set[_Connection] = set()
+        self._server: asyncio.AbstractServer | None = None
+        self._stopping: asyncio.Event | None = None
+        self._all_closed: asyncio.Event | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        assert self._loop is not None
+        return self._loop
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._all_closed = asyncio.Event()
+        sock = bind_unix_socket(self.settings.listen, self.settings.socket_mode)
+        self._server = await self._loop.create_unix_server(lambda: _Connection(self), sock=sock)
+        log.info("event=listening path=%s plugins=%s", self.settings.listen, ",".join(self.registry.names))
+
+    def stop(self) -> None:
+        """Ask the server to shut down (signal-safe: only sets an event)."""
+        if self._stopping is not None:
+            self._stopping.set()
+
+    async def serve(self) -> None:
+        """Serve until stop(), then drain and close; the socket file is removed in any case."""
+        assert self._stopping is not None
+        sweeper = asyncio.create_task(self._sweep())
+        try:
+            await self._stopping.wait()
+        finally:
+            sweeper.cancel()
+            await self._shutdown()
+
+    async def _shutdown(self) -> None:
+        started = time.monotonic()
+        if self._server is not None:
+            self._server.close()
+        self._unlink()
+        for conn in list(self.connections):
+            if conn.session is None or not conn.session.busy:
+                self._close(conn)
+        deadline = started + self.settings.drain_timeout
+        while any(c.session is not None and c.session.busy for c in self.connections):
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                break
+            await asyncio.sleep(min(0.01, remaining))
+        for conn in list(self.connections):
+            if conn.transport is not None:
+                conn.transport.abort()
+        if self.connections and self._all_closed is not None:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_closed.wait(), 0.1)
+        log.info("event=stopped drained_in=%.3fs", time.monotonic() - started)
+
+    def connection_closed(self) -> None:
+        if not self.connections and self._all_closed is not None:
+            self._all_closed.set()
+
+    @staticmethod
+    def _close(conn: _Connection) -> None:
+        if conn.transport is not None:
+            conn.transport.close()
+
+    def _unlink(self) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            st = os.lstat(self.settings.listen)
+            if stat.S_ISSOCK(st.st_mode):
+                os.unlink(self.settings.listen)
+
+    async def _sweep(self) -> None:
+        idle_timeout = self.settings.idle_timeout
+        while True:
+            await asyncio.sleep(_SWEEP_INTERVAL)
+            now = time.perf_counter()
+            mono = time.monotonic()
+            for conn in list(self.connections):
+                session = conn.session
+                if session is None:
+                    continue
+                if session.busy:
+                    session.enforce_deadline(now)
+                elif idle_timeout and mono - session.last_activity > idle_timeout:
+                    self._close(conn)
+
+    def install_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.add_signal_handler(sig, self.stop)
+
+    def remove_signal_handlers(self) -> None:
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            self.loop.remove_signal_handler(sig)
