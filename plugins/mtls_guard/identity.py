@@ -1,0 +1,463 @@
+"""Client-certificate identity: hostile-input-safe parsing, typed SANs, parsed DNs, trust-bundle path checks.
+
+Everything here treats its input as attacker-controlled (forwarded headers, nginx variables). Parsers raise
+only ``CertificateError`` and never put certificate contents into messages, because those messages are
+logged. Identity is always taken from parsed fields, never from DN *strings*: DN renderings differ between
+nginx, HAProxy, Traefik and Envoy, so policy code compares ``Name.values()`` and typed SAN tuples instead.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import re
+from collections import OrderedDict
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Literal, TypeVar
+from urllib.parse import unquote_to_bytes
+
+from cryptography import x509
+from cryptography.x509.oid import ExtendedKeyUsageOID
+
+# A client chain of a few certificates is ~2-6 KiB of PEM; anything far beyond is abuse, not a certificate.
+MAX_INPUT_BYTES = 64 * 1024
+
+_SHORT_NAMES: dict[str, str] = {
+    "2.5.4.3": "CN",
+    "2.5.4.4": "SN",
+    "2.5.4.5": "SERIALNUMBER",
+    "2.5.4.6": "C",
+    "2.5.4.7": "L",
+    "2.5.4.8": "ST",
+    "2.5.4.9": "STREET",
+    "2.5.4.10": "O",
+    "2.5.4.11": "OU",
+    "2.5.4.12": "TITLE",
+    "2.5.4.17": "POSTALCODE",
+    "2.5.4.42": "GN",
+    "2.5.4.97": "ORGANIZATIONIDENTIFIER",
+    "0.9.2342.19200300.100.1.1": "UID",
+    "0.9.2342.19200300.100.1.25": "DC",
+    "1.2.840.113549.1.9.1": "EMAILADDRESS",
+}
+_OID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)+")
+# Whole input must be certificate blocks and whitespace: stray text or other PEM types (keys!) are rejected
+# rather than skipped, so what we parse is exactly what the sender meant. The classes are disjoint from
+# the "-" that follows, so matching is linear.
+_PEM_INPUT_RE = re.compile(r"\s*(?:-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----\s*)+")
+_PEM_BLOCK_RE = re.compile(r"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----")
+_WS_RE = re.compile(r"\s+")
+_BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
+_RAW_URL_CHARS_RE = re.compile(r"[\x20-\x7e]*")
+# ASCII-only lower-casing: str.lower() would fold e.g. KELVIN SIGN (U+212A) into "k".
+_ASCII_LOWER = str.maketrans("ABCDEFGHIJKLMNOPQRSTUVWXYZ", "abcdefghijklmnopqrstuvwxyz")
+
+
+class CertificateError(ValueError):
+    """Input is not a usable certificate. The message is fixed text, safe to log."""
+
+
+def _normalise_attribute(attribute: str) -> str:
+    if _OID_RE.fullmatch(attribute):
+        return _SHORT_NAMES.get(attribute, attribute)
+    return attribute.upper()
+
+
+def _escape_rfc4514(value: str, *, ascii_only: bool) -> str:
+    out: list[str] = []
+    last = len(value) - 1
+    for i, ch in enumerate(value):
+        if ch in ',+"\\<>;=' or (ch == "#" and i == 0) or (ch == " " and i in (0, last)):
+            out.append("\\" + ch)
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F or (ascii_only and ord(ch) > 0x7E):
+            # Hex pairs of the UTF-8 encoding (RFC 4514 s2.4): keeps control bytes out of logs and headers.
+            out.extend(f"\\{b:02X}" for b in ch.encode("utf-8", "surrogatepass"))
+        else:
+            out.append(ch)
+    return "".join(out)
+
+
+@dataclass(frozen=True, slots=True)
+class Name:
+    """A distinguished name as (attribute, value) pairs in certificate order.
+
+    ``rdn_sizes`` records how the pairs were grouped into RDNs (empty = one pair per RDN) so that
+    multi-valued RDNs render with ``+``; lookups ignore grouping.
+    """
+
+    attributes: tuple[tuple[str, str], ...]
+    rdn_sizes: tuple[int, ...] = ()
+
+    @classmethod
+    def from_x509(cls, name: x509.Name) -> Name:
+        attrs: list[tuple[str, str]] = []
+        sizes: list[int] = []
+        for rdn in name.rdns:
+            count = 0
+            for attr in rdn:
+                oid = attr.oid.dotted_string
+                value = attr.value
+                text = value if isinstance(value, str) else "#" + bytes(value).hex()
+                attrs.append((_SHORT_NAMES.get(oid, oid), text))
+                count += 1
+            sizes.append(count)
+        multi = any(s != 1 for s in sizes)
+        return cls(tuple(attrs), tuple(sizes) if multi else ())
+
+    def values(self, attribute: str) -> tuple[str, ...]:
+        """All values of ``attribute`` (short name, case-insensitive; or dotted OID) in certificate order."""
+        wanted = _normalise_attribute(attribute)
+        return tuple(v for a, v in self.attributes if a == wanted)
+
+    def _rdns(self) -> Iterator[tuple[tuple[str, str], ...]]:
+        sizes = self.rdn_sizes or (1,) * len(self.attributes)
+        pos = 0
+        for size in sizes:
+            yield self.attributes[pos : pos + size]
+            pos += size
+
+    def rfc4514(self, *, ascii_only: bool = False) -> str:
+        """RFC 4514 string, last RDN first like nginx's $ssl_client_s_dn. For display, not for matching.
+
+        ``ascii_only`` escapes non-ASCII characters as UTF-8 hex pairs, for use in HTTP header values.
+        """
+        rdns = ["+".join(f"{a}={_escape_rfc4514(v, ascii_only=ascii_only)}" for a, v in rdn) for rdn in self._rdns()]
+        return ",".join(reversed(rdns))
+
+
+@dataclass(frozen=True, slots=True)
+class ClientCertificate:
+    """The parsed, immutable view of one certificate that policy decisions are made on."""
+
+    der: bytes = field(repr=False)
+    fingerprint_sha256: str
+    serial: int
+    subject: Name
+    issuer: Name
+    not_before: datetime
+    not_after: datetime
+    san_dns: tuple[str, ...]
+    san_uri: tuple[str, ...]
+    san_email: tuple[str, ...]
+    san_ip: tuple[str, ...]
+    certificate: x509.Certificate = field(compare=False, repr=False)
+    # Added beyond the agreed interface; parsed eagerly so that malformed extensions fail at load time.
+    is_ca: bool = False
+    extended_key_usage: tuple[str, ...] | None = None  # dotted OIDs; None when the extension is absent
+
+    def validity_at(self, now: datetime) -> Literal["valid", "expired", "not-yet-valid"]:
+        """RFC 5280 s4.1.2.5: valid from notBefore through notAfter, both inclusive."""
+        if now.tzinfo is None:
+            raise ValueError("now must be timezone-aware")
+        if now < self.not_before:
+            return "not-yet-valid"
+        if now > self.not_after:
+            return "expired"
+        return "valid"
+
+    @property
+    def client_auth_allowed(self) -> bool:
+        """False only when an EKU extension is present without clientAuth (anyExtendedKeyUsage won't do)."""
+        eku = self.extended_key_usage
+        return eku is None or ExtendedKeyUsageOID.CLIENT_AUTH.dotted_string in eku
+
+
+_E = TypeVar("_E", bound=x509.ExtensionType)
+
+
+def _ext(cert: x509.Certificate, kind: type[_E]) -> _E | None:
+    try:
+        return cert.extensions.get_extension_for_class(kind).value
+    except x509.ExtensionNotFound:
+        return None
+
+
+def _from_der(der: bytes) -> ClientCertificate:
+    # cryptography parses extensions lazily; touch everything here so malformed parts fail now, inside
+    # the one place that converts every parser exception into CertificateError.
+    try:
+        cert = x509.load_der_x509_certificate(der)
+        san = _ext(cert, x509.SubjectAlternativeName)
+        basic = _ext(cert, x509.BasicConstraints)
+        eku = _ext(cert, x509.ExtendedKeyUsage)
+        dns = tuple(
+            d.translate(_ASCII_LOWER).removesuffix(".") for d in (san.get_values_for_type(x509.DNSName) if san else [])
+        )
+        return ClientCertificate(
+            der=der,
+            fingerprint_sha256=hashlib.sha256(der).hexdigest(),
+            serial=cert.serial_number,
+            subject=Name.from_x509(cert.subject),
+            issuer=Name.from_x509(cert.issuer),
+            not_before=cert.not_valid_before_utc,
+            not_after=cert.not_valid_after_utc,
+            san_dns=dns,
+            san_uri=tuple(san.get_values_for_type(x509.UniformResourceIdentifier)) if san else (),
+            san_email=tuple(san.get_values_for_type(x509.RFC822Name)) if san else (),
+            san_ip=tuple(str(ip) for ip in san.get_values_for_type(x509.IPAddress)) if san else (),
+            certificate=cert,
+            is_ca=bool(basic and basic.ca),
+            extended_key_usage=tuple(o.dotted_string for o in eku) if eku is not None else None,
+        )
+    except Exception:  # noqa: BLE001 - see below
+        # Hostile DER can raise many types; all mean "unusable". No chaining: some causes (e.g.
+        # UnicodeDecodeError) would carry certificate bytes into logs.
+        raise CertificateError("certificate could not be parsed") from None
+
+
+def _as_bytes(data: object, what: str) -> bytes:
+    if isinstance(data, str):
+        if len(data) > MAX_INPUT_BYTES:
+            raise CertificateError(f"{what} input too large")
+        try:
+            return data.encode("ascii")
+        except UnicodeEncodeError:
+            raise CertificateError(f"{what} input is not ASCII") from None
+    if isinstance(data, bytes | bytearray | memoryview):
+        raw = bytes(data)
+        if len(raw) > MAX_INPUT_BYTES:
+            raise CertificateError(f"{what} input too large")
+        return raw
+    raise CertificateError(f"{what} input has the wrong type")
+
+
+def split_pem(data: str | bytes) -> tuple[str, ...]:
+    """The base64 bodies (whitespace removed) of the certificate blocks in ``data``; at least one.
+
+    Bodies are canonical cache keys: two renderings of the same PEM differing only in line breaks map
+    to the same key.
+    """
+    raw = _as_bytes(data, "PEM")
+    try:
+        text = raw.decode("ascii")
+    except UnicodeDecodeError:
+        raise CertificateError("PEM input is not ASCII") from None
+    if not _PEM_INPUT_RE.fullmatch(text):
+        raise CertificateError("input is not a sequence of PEM certificates")
+    return tuple(_WS_RE.sub("", body) for body in _PEM_BLOCK_RE.findall(text))
+
+
+def _der_from_body(body: str) -> bytes:
+    try:
+        return base64.b64decode(body, validate=True)
+    except (binascii.Error, ValueError):
+        raise CertificateError("PEM certificate body is not valid base64") from None
+
+
+def load_pem_chain(data: str | bytes) -> tuple[ClientCertificate, ...]:
+    """One or more PEM certificates, in input order."""
+    return tuple(_from_der(_der_from_body(body)) for body in split_pem(data))
+
+
+def load_pem(data: str | bytes) -> ClientCertificate:
+    """Exactly one PEM certificate; several are refused rather than silently taking the first."""
+    bodies = split_pem(data)
+    if len(bodies) != 1:
+        raise CertificateError("expected exactly one PEM certificate")
+    return _from_der(_der_from_body(bodies[0]))
+
+
+def load_der(data: bytes) -> ClientCertificate:
+    """One DER certificate (trailing bytes are rejected by the ASN.1 parser)."""
+    raw = _as_bytes(data, "DER") if not isinstance(data, str) else b""
+    if not raw:
+        raise CertificateError("DER input is empty or has the wrong type")
+    return _from_der(raw)
+
+
+def unescape_nginx(value: str) -> str:
+    """Decode a URL-encoded PEM ($ssl_client_escaped_cert, Kong, AWS ALB, XFCC Cert=).
+
+    Strict: every ``%`` must start a hex pair, raw characters must be printable ASCII, and the decoded
+    bytes must be ASCII. ``+`` is a literal plus (ALB leaves ``+`` unescaped), never a space. Decoding
+    happens once; a double-encoded value stays encoded and then fails PEM parsing.
+    """
+    if not isinstance(value, str):
+        raise CertificateError("escaped certificate has the wrong type")
+    if len(value) > 3 * MAX_INPUT_BYTES:
+        raise CertificateError("escaped certificate too large")
+    if _BAD_PERCENT_RE.search(value) or not _RAW_URL_CHARS_RE.fullmatch(value):
+        raise CertificateError("escaped certificate is not valid percent-encoding")
+    try:
+        return unquote_to_bytes(value).decode("ascii")
+    except UnicodeDecodeError:
+        raise CertificateError("escaped certificate does not decode to ASCII") from None
+
+
+class CertificateCache:
+    """Bounded LRU of parse results keyed by input text, including failures.
+
+    Keys are stored as SHA-256 digests so that memory is bounded by entry count, not by the size of
+    attacker-chosen input. One cache must be used with one parse function (or with keys that carry a
+    prefix naming it): the key alone decides the hit.
+    """
+
+    def __init__(self, max_entries: int = 4096) -> None:
+        if max_entries < 1:
+            raise ValueError("max_entries must be >= 1")
+        self.max_entries = max_entries
+        self.hits = 0
+        self.misses = 0
+        self._entries: OrderedDict[bytes, ClientCertificate | CertificateError] = OrderedDict()
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def get(self, key: str, parse: Callable[[str], ClientCertificate]) -> ClientCertificate:
+        digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+        entry = self._entries.get(digest)
+        if entry is not None:
+            self.hits += 1
+            self._entries.move_to_end(digest)
+        else:
+            self.misses += 1
+            try:
+                entry = parse(key)
+            except CertificateError as exc:
+                entry = exc
+            self._entries[digest] = entry
+            if len(self._entries) > self.max_entries:
+                self._entries.popitem(last=False)
+        if isinstance(entry, CertificateError):
+            # Drop the old traceback: re-raising the same instance would otherwise grow it on every hit.
+            raise entry.with_traceback(None)
+        return entry
+
+
+Reason = Literal[
+    "untrusted-issuer",
+    "bad-signature",
+    "expired-chain",
+    "not-yet-valid-chain",
+    "chain-too-long",
+    "not-client-cert",
+]
+# Failure precedence when no path verifies: a complete cryptographic path that is only out of date is the
+# most specific explanation; a name match whose signature fails is more telling than no match at all.
+_RANK: dict[Reason, int] = {
+    "untrusted-issuer": 0,
+    "bad-signature": 1,
+    "chain-too-long": 2,
+    "not-yet-valid-chain": 3,
+    "expired-chain": 3,
+}
+MAX_INTERMEDIATES = 4  # on the path between leaf and anchor: at most 5 signature hops
+MAX_SUPPLIED_INTERMEDIATES = 8  # untrusted input; bounds the path search
+
+
+def _may_issue(cert: ClientCertificate, intermediates_below: int) -> Reason | None:
+    """RFC 5280 s4.2.1.3/s4.2.1.9: keyCertSign (if KeyUsage is present) and pathLenConstraint."""
+    try:
+        usage = _ext(cert.certificate, x509.KeyUsage)
+        basic = _ext(cert.certificate, x509.BasicConstraints)
+    except Exception:  # noqa: BLE001 - already parsed once at load; treat any surprise as "may not issue"
+        return "untrusted-issuer"
+    if usage is not None and not usage.key_cert_sign:
+        return "untrusted-issuer"
+    if basic is not None and basic.path_length is not None and intermediates_below > basic.path_length:
+        return "chain-too-long"
+    return None
+
+
+class TrustBundle:
+    """A set of trust anchors (roots or intermediates) that client certificates must chain to."""
+
+    def __init__(self, anchors: Sequence[ClientCertificate]) -> None:
+        if not anchors:
+            raise CertificateError("trust bundle is empty")
+        for index, anchor in enumerate(anchors):
+            if not anchor.is_ca:
+                raise CertificateError(f"trust bundle certificate #{index + 1} is not a CA (BasicConstraints cA)")
+        self.anchors = tuple(anchors)
+        self.fingerprints = frozenset(a.fingerprint_sha256 for a in anchors)
+        self._by_subject: dict[x509.Name, list[ClientCertificate]] = {}
+        for anchor in self.anchors:
+            self._by_subject.setdefault(anchor.certificate.subject, []).append(anchor)
+        # Signature results never change, so they are memoised; bounded, reset when full.
+        self._signatures: dict[tuple[str, str], bool] = {}
+
+    @classmethod
+    def from_pem(cls, pem: str) -> TrustBundle:
+        return cls(load_pem_chain(pem))
+
+    def _signed_by(self, child: ClientCertificate, parent: ClientCertificate) -> bool:
+        key = (child.fingerprint_sha256, parent.fingerprint_sha256)
+        cached = self._signatures.get(key)
+        if cached is None:
+            try:
+                # Checks issuer == parent subject and the signature itself.
+                child.certificate.verify_directly_issued_by(parent.certificate)
+                cached = True
+            except Exception:  # noqa: BLE001 - any failure (bad sig, odd key type) means "not issued by"
+                cached = False
+            if len(self._signatures) >= 8192:
+                self._signatures.clear()
+            self._signatures[key] = cached
+        return cached
+
+    def verify(
+        self, leaf: ClientCertificate, intermediates: Sequence[ClientCertificate] = (), *, now: datetime
+    ) -> Reason | None:
+        """None if ``leaf`` chains to an anchor of this bundle at ``now``, else a reason code.
+
+        The leaf's own validity period is NOT checked here (use ``leaf.validity_at``); intermediates
+        and the anchor reached must be valid at ``now``. ``intermediates`` are untrusted hints used only
+        to build the path. A leaf that is itself a CA, or whose EKU excludes clientAuth, is
+        "not-client-cert".
+        """
+        if now.tzinfo is None:
+            raise ValueError("now must be timezone-aware")
+        if leaf.is_ca or not leaf.client_auth_allowed:
+            return "not-client-cert"
+        pool: dict[str, ClientCertificate] = {}
+        for cert in intermediates:
+            if cert.fingerprint_sha256 != leaf.fingerprint_sha256 and cert.is_ca:
+                pool.setdefault(cert.fingerprint_sha256, cert)
+        if len(pool) > MAX_SUPPLIED_INTERMEDIATES:
+            return "chain-too-long"
+        best: Reason = "untrusted-issuer"
+
+        def note(reason: Reason) -> None:
+            nonlocal best
+            if _RANK[reason] > _RANK[best]:
+                best = reason
+
+        def dated(cert: ClientCertificate) -> Reason | None:
+            state = cert.validity_at(now)
+            if state == "valid":
+                return None
+            return "expired-chain" if state == "expired" else "not-yet-valid-chain"
+
+        def search(current: ClientCertificate, path: tuple[ClientCertificate, ...]) -> bool:
+            issuer_name = current.certificate.issuer
+            for anchor in self._by_subject.get(issuer_name, ()):
+                if not self._signed_by(current, anchor):
+                    note("bad-signature")
+                    continue
+                if (refused := _may_issue(anchor, len(path))) is not None:
+                    note(refused)
+                    continue
+                problem = next((r for c in (*path, anchor) if (r := dated(c)) is not None), None)
+                if problem is None:
+                    return True
+                note(problem)
+            for cand in pool.values():
+                if cand in path or cand.certificate.subject != issuer_name:
+                    continue
+                if len(path) >= MAX_INTERMEDIATES:
+                    note("chain-too-long")
+                    continue
+                if not self._signed_by(current, cand):
+                    note("bad-signature")
+                    continue
+                if (refused := _may_issue(cand, len(path))) is not None:
+                    note(refused)
+                    continue
+                if search(cand, (*path, cand)):
+                    return True
+            return False
+
+        return None if search(leaf, ()) else best
