@@ -1,0 +1,88 @@
+"""Canonicalisation of the request path, done once per request before any exemption rule is consulted.
+
+The runner hands us APISIX's normalised ``$uri`` (already percent-decoded, dot segments resolved, slashes
+merged) or, after a rewrite by an earlier plugin, a raw ``upstream_uri`` that may still carry encodings.
+We cannot tell which, and the upstream may interpret the path differently from nginx (servlet ``;``
+parameters, backslashes, double decoding, ...). Exemptions are the only thing a path can buy, so every
+form that two parsers could read differently is declared AMBIGUOUS: such a path is never exempt and
+always goes through the certificate checks (fail closed). Only an unambiguous path is decoded and matched.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+__all__ = ["CanonicalPath", "canonicalize"]
+
+# Characters that make a path ambiguous whether they arrive raw or percent-encoded:
+#   C0 controls and DEL (CRLF / NUL injection, PCRE's "$ before final newline", "." not matching "\n"),
+#   C1 controls (U+0080-U+009F; some stacks treat them as line breaks),
+#   ";" (servlet path parameters: "/public;/../admin", "/public/..;/admin"),
+#   "\" (Windows/IIS and some normalisers turn it into "/").
+_FORBIDDEN_CHARS: Final = r"\x00-\x1f\x7f-\x9f;\\"
+# Raw-only: "//" (nginx merges slashes, so an empty segment means an un-normalised path) and dot
+# segments; "?" and "#" cannot be part of a normalised path the runner passes (the query is split off),
+# so seeing them raw means a raw request line leaked through.
+_RAW_AMBIGUOUS: Final = re.compile(rf"[{_FORBIDDEN_CHARS}?#]|//|(?:^|/)\.{{1,2}}(?:/|\Z)")
+# After decoding, "?" and "#" are legitimate path characters (they were sent as %3F / %23).
+_DECODED_AMBIGUOUS: Final = re.compile(rf"[{_FORBIDDEN_CHARS}]|//|(?:^|/)\.{{1,2}}(?:/|\Z)")
+# A "%" not followed by two hex digits ("%zz", "%4", trailing "%").
+_BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
+# Encodings that must never be decoded for matching: "%2F" (a slash the router did not split on),
+# "%5C" (backslash) and "%25" (a literal "%": decoding once leaves "%2e%2e" behind, which a
+# double-decoding upstream would turn into "..").
+_DANGEROUS_ESCAPE: Final = re.compile(r"%(?:2[fF]|5[cC]|25)")
+_ESCAPE: Final = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
+
+
+@dataclass(frozen=True, slots=True)
+class CanonicalPath:
+    """The path exemption rules are matched against.
+
+    ``value`` is the decoded path when ``ambiguous`` is False; for an ambiguous path it is the raw input
+    (or "" for None) and must not be matched. ``reason`` names why a path is ambiguous, for logs.
+    """
+
+    value: str
+    ambiguous: bool
+    reason: str = ""
+
+
+def _ambiguous(value: str, reason: str) -> CanonicalPath:
+    return CanonicalPath(value, True, reason)
+
+
+def _decode_run(match: re.Match[str]) -> str:
+    # Decode a run of consecutive escapes at once so multi-byte UTF-8 sequences stay together; strict
+    # UTF-8 so overlong forms and lone continuation bytes cannot smuggle "/" or "." past the checks.
+    return bytes.fromhex(match.group(0).replace("%", "")).decode("utf-8", "strict")
+
+
+def canonicalize(raw: str | None) -> CanonicalPath:
+    """Return the canonical form of ``raw`` and whether it is ambiguous (see the module docstring)."""
+    if not raw:
+        return _ambiguous("", "empty")
+    if raw[0] != "/":
+        return _ambiguous(raw, "not-absolute")
+    if _RAW_AMBIGUOUS.search(raw) is not None:
+        return _ambiguous(raw, "raw-ambiguous")
+    try:
+        # Lone surrogates come from bytes that were not valid UTF-8 (surrogateescape decoding).
+        raw.encode("utf-8", "strict")
+    except UnicodeEncodeError:
+        return _ambiguous(raw, "invalid-utf8")
+    if "%" not in raw:
+        return CanonicalPath(raw, False)
+    if _BAD_ESCAPE.search(raw) is not None:
+        return _ambiguous(raw, "bad-escape")
+    if _DANGEROUS_ESCAPE.search(raw) is not None:
+        return _ambiguous(raw, "encoded-separator")
+    try:
+        decoded = _ESCAPE.sub(_decode_run, raw)
+    except UnicodeDecodeError:
+        return _ambiguous(raw, "invalid-utf8")
+    if _DECODED_AMBIGUOUS.search(decoded) is not None:
+        return _ambiguous(raw, "decoded-ambiguous")
+    return CanonicalPath(decoded, False)

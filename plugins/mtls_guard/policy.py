@@ -1,0 +1,276 @@
+"""Compile a policy once into an immutable ``CompiledPolicy``; the per-request entry points live on it.
+
+``compile_policy`` accepts the route's conf (JSON text or an already-parsed mapping), resolves a named
+policy from the policy file, validates (``schema``), and builds every matcher, bundle, response body and
+variable tuple up front so that ``decide`` does no configuration work per request.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from types import MappingProxyType
+from typing import Final
+
+from .decision import VAR_ORDER, Decision, Engine, IdentityChecks, NeedVars, Reason, RequestInput
+from .forwarded import build_xfcc
+from .identity import CertificateCache, ClientCertificate, TrustBundle
+from .matchers import DomainSet, ExemptMatcher, ExemptRuleSpec, SanMatcher
+from .schema import ExemptRule, HeaderSource, Mode, PolicyConfig, PolicyError, PolicyLibrary, parse_policy
+
+__all__ = [
+    "REASON_HEADER",
+    "CompiledPolicy",
+    "Decision",
+    "NeedVars",
+    "Reason",
+    "RequestInput",
+    "compile_policy",
+    "load_json",
+]
+
+REASON_HEADER: Final = "x-mtls-guard-reason"
+_APISIX_VARS: Final = frozenset({"ssl_client_verify", "ssl_client_escaped_cert", "scheme"})
+_SNI_VARS: Final = frozenset({"ssl_server_name", "host"})
+# Header mode checks neither scheme nor Host/SNI (TLS ended at the front proxy): only the peer matters.
+_HEADER_VARS: Final = frozenset({"realip_remote_addr"})
+Response = tuple[int, tuple[tuple[str, str], ...], bytes]
+
+
+def _ordered(names: frozenset[str]) -> NeedVars:
+    return NeedVars(tuple(n for n in VAR_ORDER if n in names))
+
+
+def _no_duplicates(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    out: dict[str, object] = {}
+    for key, value in pairs:
+        if key in out:
+            # Two JSON parsers could disagree on which copy wins; refuse instead of picking one.
+            raise PolicyError("", f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def _no_constants(name: str) -> object:
+    raise PolicyError("", f"invalid JSON: {name} is not allowed")
+
+
+def load_json(text: str) -> object:
+    """Parse a route's JSON conf; syntax errors carry line and column. Blank text is ``{}``."""
+    if not text.strip():
+        return {}
+    try:
+        return json.loads(text, object_pairs_hook=_no_duplicates, parse_constant=_no_constants)
+    except json.JSONDecodeError as exc:
+        raise PolicyError("", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+
+
+def _escape_list_value(value: str) -> str:
+    # "," separates entries and control characters would corrupt the header: percent-encode both.
+    return "".join(f"%{ord(c):02X}" if c in ",%" or not " " <= c <= "~" else c for c in value)
+
+
+def san_header_value(cert: ClientCertificate) -> str:
+    """Typed, comma-joined SAN list, e.g. ``DNS:a.example,URI:spiffe://example.org/x,email:a@b,IP:10.0.0.1``."""
+    typed = (("DNS", cert.san_dns), ("URI", cert.san_uri), ("email", cert.san_email), ("IP", cert.san_ip))
+    return ",".join(f"{kind}:{_escape_list_value(v)}" for kind, values in typed for v in values)
+
+
+@dataclass(frozen=True, slots=True)
+class CompiledPolicy:
+    """An immutable, ready-to-run policy. Build it with ``compile_policy``."""
+
+    config: PolicyConfig
+    engine: Engine
+    responses: Mapping[Reason, Response]
+    forward_names: frozenset[str]
+
+    def decide(
+        self,
+        request: RequestInput,
+        vars: Mapping[str, str | None] | None,
+        *,
+        now: datetime,
+        cache: CertificateCache,
+    ) -> Decision | NeedVars:
+        """Decide for one request; call first with ``vars=None``, then again with the requested vars."""
+        return self.engine.decide(request, vars, now=now, cache=cache)
+
+    def reject_response(self, decision: Decision) -> Response:
+        """(status, headers, body) for a denied decision; the reason is shown only with expose_reason."""
+        if decision.allowed:
+            raise ValueError("reject_response() called for a request that is allowed")
+        return self.responses[decision.reason]
+
+    def upstream_headers(
+        self, decision: Decision, request_headers: Sequence[tuple[str, str | None]]
+    ) -> tuple[tuple[str, str | None], ...]:
+        """Header changes for the upstream: deletions (value None) first, then identity headers.
+
+        Every inbound copy of a configured identity header is deleted on every request, exempt and
+        report-mode ones included, so a client can never reach the upstream with a forged identity.
+        Identity headers are set only for an "allow" verdict with a certificate: in report mode a
+        certificate that failed the checks is let through but never vouched for.
+        """
+        if not self.forward_names:
+            return ()
+        inbound = {n for n, _ in request_headers if n in self.forward_names}
+        changes: list[tuple[str, str | None]] = [(name, None) for name in sorted(inbound)]
+        cert = decision.identity
+        if decision.verdict == "allow" and decision.allowed and cert is not None:
+            fwd = self.config.forward
+            if fwd.subject:
+                changes.append((fwd.subject, cert.subject.rfc4514(ascii_only=True)))
+            if fwd.san:
+                changes.append((fwd.san, san_header_value(cert)))
+            if fwd.fingerprint:
+                changes.append((fwd.fingerprint, cert.fingerprint_sha256))
+            if fwd.xfcc:
+                changes.append((fwd.xfcc, build_xfcc(cert)))
+        return tuple(changes)
+
+    def describe(self) -> str:
+        """Human-readable explanation of the policy (``mtls-guard check``)."""
+        return describe_policy(self.config)
+
+
+def _bundle_text(bundle: TrustBundle) -> str:
+    subjects = "; ".join(a.subject.rfc4514(ascii_only=True) for a in bundle.anchors)
+    return f"{len(bundle.anchors)} CA certificate(s): {subjects}"
+
+
+def _describe_rule(index: int, rule: ExemptRule) -> str:
+    conditions = []
+    if rule.path is not None:
+        conditions.append(f"path full-matches {rule.path!r}")
+    if rule.methods is not None:
+        conditions.append("method is " + "|".join(sorted(rule.methods)))
+    if rule.hosts is not None:
+        conditions.append("host is " + "|".join(rule.hosts) + " (costs one variable fetch)")
+    return f"  {index + 1}. [{rule.id}] " + " AND ".join(conditions)
+
+
+def describe_policy(config: PolicyConfig) -> str:
+    """Multi-line explanation of what ``config`` enforces, in evaluation order."""
+    lines = [f"policy: {config.name or '(inline route policy)'}"]
+    if config.mode is Mode.REPORT:
+        lines.append("mode: report -- decisions are logged, but denied requests are LET THROUGH")
+    else:
+        lines.append(f"mode: enforce -- denied requests get {config.reject.status} (421 on Host/SNI mismatch)")
+    lines.append("exempt without a certificate (first matching rule wins):")
+    lines.extend(_describe_rule(i, r) for i, r in enumerate(config.exempt))
+    if not config.exempt:
+        lines.append("  (no rules: every request needs a certificate)")
+    lines.append("  paths with .., //, %2F, %5C, %25, ;, backslash or control characters are never exempt")
+    lines.append("every other request needs:")
+    source = config.source
+    if isinstance(source, HeaderSource):
+        nets = ", ".join(str(n) for n in source.trusted_proxies)
+        lines.append(f"  - a direct peer (realip_remote_addr) inside {nets}, else 'untrusted-proxy'")
+        chain = f" (+ chain header {source.chain_header!r})" if source.chain_header else ""
+        lines.append(f"  - a certificate in header {source.header!r} ({source.format.value}){chain}")
+        lines.append(f"  - re-verified against the source CA bundle: {_bundle_text(source.ca)}")
+    else:
+        lines.append("  - https (plain http is denied)")
+        if config.require_sni_match:
+            lines.append("  - TLS SNI equal to Host, else 421 Misdirected Request")
+        lines.append("  - a client certificate verified by APISIX (ssl_client_verify=SUCCESS)")
+    lines.append("  - certificate valid now (re-checked on every request)")
+    req = config.require
+    if req.ca is not None:
+        lines.append(f"  - chaining to the route CA bundle: {_bundle_text(req.ca)}")
+    if req.fingerprints is not None:
+        lines.append("  - SHA-256 fingerprint one of: " + ", ".join(sorted(req.fingerprints)))
+    if req.san is not None:
+        pats = [f"DNS {d}" for d in req.san.dns] + [f"URI {u.text()}" for u in req.san.uri]
+        pats += [f"email {e.text()}" for e in req.san.email]
+        lines.append("  - a SAN matching one of: " + ", ".join(pats))
+    for label, name_req in (("subject", req.subject), ("issuer", req.issuer)):
+        for attribute, values in name_req.attributes if name_req is not None else ():
+            lines.append(f"  - {label} {attribute} one of: " + ", ".join(repr(v) for v in sorted(values)))
+    reject = config.reject
+    exposed = "with" if reject.expose_reason else "without"
+    lines.append(f"rejections: {reject.content_type!r} body, {exposed} the reason ({REASON_HEADER})")
+    names = config.forward.names()
+    if names:
+        fwd = config.forward
+        sent = [
+            f"{k} -> {v}"
+            for k, v in (
+                ("subject", fwd.subject),
+                ("san", fwd.san),
+                ("fingerprint", fwd.fingerprint),
+                ("xfcc", fwd.xfcc),
+            )
+            if v
+        ]
+        lines.append("forwarded to the upstream on verified requests: " + ", ".join(sent))
+        lines.append("  inbound copies of " + ", ".join(names) + " are always removed")
+    return "\n".join(lines)
+
+
+def _build_responses(config: PolicyConfig) -> Mapping[Reason, Response]:
+    reject = config.reject
+    out: dict[Reason, Response] = {}
+    for reason in Reason:
+        status = 421 if reason is Reason.HOST_MISMATCH else reject.status
+        headers: tuple[tuple[str, str], ...] = (("content-type", reject.content_type),)
+        body = reject.body
+        if reject.expose_reason:
+            headers += ((REASON_HEADER, reason.value),)
+            body += ("" if not body or body.endswith("\n") else "\n") + f"reason: {reason.value}\n"
+        out[reason] = (status, headers, body.encode("utf-8"))
+    return MappingProxyType(out)
+
+
+def build(config: PolicyConfig) -> CompiledPolicy:
+    """Compile a validated configuration."""
+    source = config.source if isinstance(config.source, HeaderSource) else None
+    try:
+        exempt = ExemptMatcher.of(
+            ExemptRuleSpec(r.id, r.path, r.methods, DomainSet.of(r.hosts) if r.hosts is not None else None)
+            for r in config.exempt
+        )
+    except ValueError as exc:
+        raise PolicyError("exempt", str(exc)) from None
+    req = config.require
+    checks = IdentityChecks(
+        ca=req.ca,
+        fingerprints=req.fingerprints,
+        san=SanMatcher.of(req.san.dns, req.san.uri, req.san.email) if req.san is not None else None,
+        subject=req.subject.attributes if req.subject is not None else (),
+        issuer=req.issuer.attributes if req.issuer is not None else (),
+    )
+    if source is not None:
+        protected = _HEADER_VARS
+    else:
+        protected = _APISIX_VARS | (_SNI_VARS if config.require_sni_match else frozenset())
+    proxies = source.trusted_proxies if source is not None else ()
+    engine = Engine(
+        mode=config.mode,
+        exempt=exempt,
+        checks=checks,
+        header_source=source,
+        require_sni_match=config.require_sni_match,
+        reject_status=config.reject.status,
+        need_protected=_ordered(protected),
+        need_host_and_protected=_ordered(protected | {"host"}),
+        trusted_v4=tuple(n for n in proxies if n.version == 4),
+        trusted_v6=tuple(n for n in proxies if n.version == 6),
+    )
+    return CompiledPolicy(config, engine, _build_responses(config), frozenset(config.forward.names()))
+
+
+def compile_policy(value: str | Mapping[str, object], library: PolicyLibrary | None = None) -> CompiledPolicy:
+    """Route conf (JSON text or mapping) -> CompiledPolicy; raises PolicyError with the key path."""
+    data = load_json(value) if isinstance(value, str) else value
+    if not isinstance(data, Mapping):
+        raise PolicyError("", "the policy must be a JSON object")
+    name: str | None = None
+    if "policy" in data:
+        if library is None:
+            raise PolicyError("policy", "named policies need a policy file, and none is configured")
+        data, name = library.resolve(data)
+    return build(parse_policy(data, name=name))

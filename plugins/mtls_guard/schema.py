@@ -1,0 +1,546 @@
+"""Policy documents (route JSON, policy-file YAML) -> validated, typed, immutable configuration.
+
+Validation is strict because a typo in a security policy must not silently weaken it: unknown keys are
+errors at every level, duplicate keys are errors (JSON and YAML would otherwise keep the last one), and
+every error names the key path (``require.san.dns[1]: ...``). Nothing here runs per request.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import os
+import re
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass
+from enum import StrEnum
+from types import MappingProxyType
+from typing import Any, Final, Literal, TypeAlias, TypeVar
+
+import yaml
+
+from .forwarded import ForwardedFormat
+from .identity import CertificateError, TrustBundle
+from .matchers import (
+    APISIX_METHODS,
+    MAX_PATTERN_LENGTH,
+    EmailPattern,
+    UriPattern,
+    compile_regex,
+    normalize_fingerprint,
+    parse_dns_pattern,
+    parse_email_pattern,
+    parse_host_pattern,
+    parse_uri_pattern,
+)
+
+__all__ = [
+    "ApisixSource",
+    "ExemptRule",
+    "Forward",
+    "HeaderSource",
+    "IPNetwork",
+    "Mode",
+    "NameRequirement",
+    "PolicyConfig",
+    "PolicyError",
+    "PolicyLibrary",
+    "Reject",
+    "Requirements",
+    "SanRequirement",
+    "join_path",
+    "parse_policy",
+]
+
+IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
+_T = TypeVar("_T")
+
+HOST_MISMATCH_STATUS: Final = 421
+MAX_RULES: Final = 1024
+MAX_LIST: Final = 1024
+MAX_PEM: Final = 1 << 20
+MAX_BODY: Final = 16 * 1024
+# RFC 4512 short names accepted in subject/issuer constraints; anything else must be a dotted OID.
+NAME_ATTRIBUTES: Final = frozenset({"CN", "O", "OU", "C", "L", "ST", "DC", "SERIALNUMBER", "EMAILADDRESS", "UID"})
+_OID: Final = re.compile(r"[0-2](?:\.(?:0|[1-9][0-9]*))+\Z")
+_TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]{1,128}\Z")
+_ID: Final = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,126}[\x21-\x7e])?\Z")
+_PRINTABLE: Final = re.compile(r"[\x20-\x7e]*\Z")
+# Headers the plugin must never be told to delete or forge: framing and routing belong to nginx.
+_RESERVED_HEADERS: Final = frozenset(
+    {"host", "content-length", "transfer-encoding", "connection", "te", "upgrade", "keep-alive", "trailer"}
+)
+_DEFAULT_HEADERS: Final = {
+    ForwardedFormat.XFCC: "x-forwarded-client-cert",
+    ForwardedFormat.PEM_URLENCODED: "x-client-cert",
+    ForwardedFormat.RFC9440: "client-cert",
+}
+
+
+class PolicyError(ValueError):
+    """A policy document is invalid; ``path`` is the offending key path ("" for the document)."""
+
+    def __init__(self, path: str, message: str) -> None:
+        self.path = path
+        super().__init__(f"{path}: {message}" if path else message)
+
+
+class Mode(StrEnum):
+    ENFORCE = "enforce"
+    REPORT = "report"
+
+
+@dataclass(frozen=True, slots=True)
+class ExemptRule:
+    id: str
+    path: str | None
+    methods: frozenset[str] | None
+    hosts: tuple[str, ...] | None  # normalised: lower-case names or "*.domain"
+
+
+@dataclass(frozen=True, slots=True)
+class SanRequirement:
+    dns: tuple[str, ...] = ()
+    uri: tuple[UriPattern, ...] = ()
+    email: tuple[EmailPattern, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
+class NameRequirement:
+    """Per attribute (short name or dotted OID), the accepted values; every attribute must hold."""
+
+    attributes: tuple[tuple[str, frozenset[str]], ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Requirements:
+    san: SanRequirement | None = None
+    subject: NameRequirement | None = None
+    issuer: NameRequirement | None = None
+    fingerprints: frozenset[str] | None = None
+    ca: TrustBundle | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Reject:
+    status: int = 403
+    body: str = "Forbidden\n"
+    content_type: str = "text/plain; charset=utf-8"
+    expose_reason: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ApisixSource:
+    type: Literal["apisix"] = "apisix"
+
+
+@dataclass(frozen=True, slots=True)
+class HeaderSource:
+    format: ForwardedFormat
+    header: str
+    chain_header: str | None
+    trusted_proxies: tuple[IPNetwork, ...]
+    ca: TrustBundle
+    type: Literal["header"] = "header"
+
+
+@dataclass(frozen=True, slots=True)
+class Forward:
+    subject: str | None = None
+    san: str | None = None
+    fingerprint: str | None = None
+    xfcc: str | None = None
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(n for n in (self.subject, self.san, self.fingerprint, self.xfcc) if n is not None)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyConfig:
+    mode: Mode = Mode.ENFORCE
+    exempt: tuple[ExemptRule, ...] = ()
+    require: Requirements = Requirements()
+    require_sni_match: bool = True
+    reject: Reject = Reject()
+    source: ApisixSource | HeaderSource = ApisixSource()
+    forward: Forward = Forward()
+    name: str | None = None  # the named policy of the policy file this was built from, if any
+
+
+# -- primitive readers -------------------------------------------------------------------------------
+
+
+def join_path(path: str, key: str | int) -> str:
+    if isinstance(key, int):
+        return f"{path}[{key}]"
+    return f"{path}.{key}" if path else key
+
+
+def _type_name(value: object) -> str:
+    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
+    return kinds.get(type(value), type(value).__name__)
+
+
+def _mapping(value: object, path: str, allowed: frozenset[str]) -> Mapping[str, object]:
+    if not isinstance(value, Mapping):
+        raise PolicyError(path, f"must be an object, not {_type_name(value)}")
+    for key in value:
+        if not isinstance(key, str):
+            raise PolicyError(path, f"keys must be strings, not {_type_name(key)}")
+        if key not in allowed:
+            raise PolicyError(join_path(path, key), f"unknown key (allowed: {', '.join(sorted(allowed))})")
+    return value
+
+
+def _str(value: object, path: str, *, max_len: int = 256, printable: bool = True) -> str:
+    if not isinstance(value, str):
+        raise PolicyError(path, f"must be a string, not {_type_name(value)}")
+    if not value:
+        raise PolicyError(path, "must not be empty")
+    if len(value) > max_len:
+        raise PolicyError(path, f"longer than {max_len} characters")
+    if printable and not _PRINTABLE.match(value):
+        raise PolicyError(path, "must be printable ASCII")
+    return value
+
+
+def _bool(value: object, path: str) -> bool:
+    if not isinstance(value, bool):
+        raise PolicyError(path, f"must be true or false, not {_type_name(value)}")
+    return value
+
+
+def _list(value: object, path: str, item: Callable[[object, str], _T], *, unique: bool = True) -> tuple[_T, ...]:
+    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
+        raise PolicyError(path, f"must be a list, not {_type_name(value)}")
+    if not value:
+        raise PolicyError(path, "must not be empty")
+    if len(value) > MAX_LIST:
+        raise PolicyError(path, f"more than {MAX_LIST} entries")
+    out = tuple(item(v, join_path(path, i)) for i, v in enumerate(value))
+    if unique:
+        seen: set[object] = set()
+        for i, v in enumerate(out):
+            if isinstance(v, Hashable) and v in seen:
+                raise PolicyError(join_path(path, i), "duplicate entry")
+            seen.add(v)
+    return out
+
+
+def _parsed(parse: Callable[[str], _T], max_len: int = 512) -> Callable[[object, str], _T]:
+    """Adapt a matchers.parse_* function (ValueError) into an item reader (PolicyError with path)."""
+
+    def read(value: object, path: str) -> _T:
+        try:
+            return parse(_str(value, path, max_len=max_len))
+        except ValueError as exc:
+            if isinstance(exc, PolicyError):
+                raise
+            raise PolicyError(path, str(exc)) from None
+
+    return read
+
+
+def _header_name(value: object, path: str) -> str:
+    name = _str(value, path, max_len=128).lower()
+    if not _TOKEN.match(name):
+        raise PolicyError(path, "not a valid HTTP header name")
+    if name in _RESERVED_HEADERS:
+        raise PolicyError(path, f"{name!r} is reserved and cannot be used")
+    return name
+
+
+def _trust_bundle(value: object, path: str) -> TrustBundle:
+    pem = _str(value, path, max_len=MAX_PEM, printable=False)
+    try:
+        return TrustBundle.from_pem(pem)
+    except CertificateError as exc:
+        raise PolicyError(path, f"invalid CA bundle: {exc}") from None
+
+
+# -- sections ----------------------------------------------------------------------------------------
+
+
+def _method(value: object, path: str) -> str:
+    method = _str(value, path, max_len=16).upper()
+    if method not in APISIX_METHODS:
+        raise PolicyError(path, f"unknown method {method!r} (allowed: {' '.join(sorted(APISIX_METHODS))})")
+    return method
+
+
+def _regex(value: object, path: str) -> str:
+    pattern = _str(value, path, max_len=MAX_PATTERN_LENGTH, printable=False)
+    try:
+        compile_regex(pattern)
+    except ValueError as exc:
+        raise PolicyError(path, str(exc)) from None
+    return pattern
+
+
+def _exempt(value: object, path: str) -> tuple[ExemptRule, ...]:
+    keys = frozenset({"id", "path", "methods", "hosts"})
+    items = _list(value, path, lambda v, p: v, unique=False)
+    if len(items) > MAX_RULES:
+        raise PolicyError(path, f"more than {MAX_RULES} rules")
+    rules: list[ExemptRule] = []
+    for index, item in enumerate(items):
+        at = join_path(path, index)
+        m = _mapping(item, at, keys)
+        if not keys.difference({"id"}).intersection(m):
+            raise PolicyError(at, "needs at least one of path, methods, hosts")
+        rule_id = f"exempt[{index}]"
+        if "id" in m:
+            rule_id = _str(m["id"], join_path(at, "id"), max_len=128)
+            if not _ID.match(rule_id):
+                raise PolicyError(join_path(at, "id"), "must not start or end with a space")
+        if any(r.id == rule_id for r in rules):
+            raise PolicyError(join_path(at, "id"), f"duplicate rule id {rule_id!r}")
+        methods = _list(m["methods"], join_path(at, "methods"), _method) if "methods" in m else None
+        hosts = _list(m["hosts"], join_path(at, "hosts"), _parsed(parse_host_pattern)) if "hosts" in m else None
+        rules.append(
+            ExemptRule(
+                id=rule_id,
+                path=_regex(m["path"], join_path(at, "path")) if "path" in m else None,
+                methods=frozenset(methods) if methods is not None else None,
+                hosts=hosts,
+            )
+        )
+    return tuple(rules)
+
+
+def _name_requirement(value: object, path: str) -> NameRequirement:
+    if not isinstance(value, Mapping) or not value:
+        raise PolicyError(path, "must be a non-empty object of attribute -> list of values")
+    attrs: list[tuple[str, frozenset[str]]] = []
+    for key, values in value.items():
+        key_path = join_path(path, str(key))
+        if not isinstance(key, str) or not (key.upper() in NAME_ATTRIBUTES or _OID.match(key)):
+            raise PolicyError(
+                key_path, f"unknown attribute (use one of {' '.join(sorted(NAME_ATTRIBUTES))} or a dotted OID)"
+            )
+        label = key.upper() if key.upper() in NAME_ATTRIBUTES else key
+        if any(label == a for a, _ in attrs):
+            raise PolicyError(key_path, "attribute listed twice")
+        exact = _list(values, key_path, lambda v, p: _str(v, p, max_len=1024, printable=False))
+        attrs.append((label, frozenset(exact)))
+    return NameRequirement(tuple(attrs))
+
+
+def _require(value: object, path: str) -> Requirements:
+    m = _mapping(value, path, frozenset({"san", "subject", "issuer", "fingerprint_sha256", "ca"}))
+    san: SanRequirement | None = None
+    if "san" in m:
+        san_path = join_path(path, "san")
+        s = _mapping(m["san"], san_path, frozenset({"dns", "uri", "email"}))
+        if not s:
+            raise PolicyError(san_path, "needs at least one of dns, uri, email")
+        san = SanRequirement(
+            dns=_list(s["dns"], join_path(san_path, "dns"), _parsed(parse_dns_pattern)) if "dns" in s else (),
+            uri=_list(s["uri"], join_path(san_path, "uri"), _parsed(parse_uri_pattern, 2048)) if "uri" in s else (),
+            email=_list(s["email"], join_path(san_path, "email"), _parsed(parse_email_pattern)) if "email" in s else (),
+        )
+    fp_path = join_path(path, "fingerprint_sha256")
+    return Requirements(
+        san=san,
+        subject=_name_requirement(m["subject"], join_path(path, "subject")) if "subject" in m else None,
+        issuer=_name_requirement(m["issuer"], join_path(path, "issuer")) if "issuer" in m else None,
+        fingerprints=frozenset(_list(m["fingerprint_sha256"], fp_path, _parsed(normalize_fingerprint)))
+        if "fingerprint_sha256" in m
+        else None,
+        ca=_trust_bundle(m["ca"], join_path(path, "ca")) if "ca" in m else None,
+    )
+
+
+def _reject(value: object, path: str) -> Reject:
+    m = _mapping(value, path, frozenset({"status", "body", "content_type", "expose_reason"}))
+    default = Reject()
+    status = m.get("status", default.status)
+    if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
+        raise PolicyError(join_path(path, "status"), "must be an integer from 400 to 599")
+    if status == HOST_MISMATCH_STATUS:
+        raise PolicyError(join_path(path, "status"), "421 is reserved for Host/SNI mismatches")
+    body = m.get("body", default.body)
+    if not isinstance(body, str) or len(body) > MAX_BODY:
+        raise PolicyError(join_path(path, "body"), f"must be a string of at most {MAX_BODY} characters")
+    return Reject(
+        status=status,
+        body=body,
+        content_type=_str(m["content_type"], join_path(path, "content_type"))
+        if "content_type" in m
+        else default.content_type,
+        expose_reason=_bool(m["expose_reason"], join_path(path, "expose_reason"))
+        if "expose_reason" in m
+        else default.expose_reason,
+    )
+
+
+def _network(value: object, path: str) -> IPNetwork:
+    text = _str(value, path, max_len=64)
+    try:
+        # strict: "10.0.0.1/8" is almost always a typo for a narrower range, so refuse to guess.
+        return ipaddress.ip_network(text, strict=True)
+    except ValueError as exc:
+        raise PolicyError(path, f"not a valid CIDR: {exc}") from None
+
+
+def _source(value: object, path: str) -> ApisixSource | HeaderSource:
+    if not isinstance(value, Mapping) or value.get("type") not in ("apisix", "header"):
+        raise PolicyError(join_path(path, "type"), 'must be "apisix" or "header"')
+    if value["type"] == "apisix":
+        _mapping(value, path, frozenset({"type"}))
+        return ApisixSource()
+    m = _mapping(value, path, frozenset({"type", "format", "header", "chain_header", "trusted_proxies", "ca"}))
+    for key in ("format", "trusted_proxies", "ca"):
+        if key not in m:
+            raise PolicyError(join_path(path, key), "is required for header sources")
+    if m["format"] not in tuple(ForwardedFormat):
+        formats = ", ".join(f.value for f in ForwardedFormat)
+        raise PolicyError(join_path(path, "format"), f"must be one of {formats}")
+    fmt = ForwardedFormat(str(m["format"]))
+    chain_header: str | None = "client-cert-chain" if fmt is ForwardedFormat.RFC9440 else None
+    if "chain_header" in m:
+        if fmt is ForwardedFormat.XFCC:
+            raise PolicyError(join_path(path, "chain_header"), "xfcc carries the chain in the header itself")
+        chain_header = _header_name(m["chain_header"], join_path(path, "chain_header"))
+    header = _header_name(m["header"], join_path(path, "header")) if "header" in m else _DEFAULT_HEADERS[fmt]
+    if header == chain_header:
+        raise PolicyError(join_path(path, "chain_header"), "must differ from header")
+    return HeaderSource(
+        format=fmt,
+        header=header,
+        chain_header=chain_header,
+        trusted_proxies=_list(m["trusted_proxies"], join_path(path, "trusted_proxies"), _network),
+        ca=_trust_bundle(m["ca"], join_path(path, "ca")),
+    )
+
+
+def _forward(value: object, path: str) -> Forward:
+    m = _mapping(value, path, frozenset({"subject", "san", "fingerprint", "xfcc"}))
+    names = {key: _header_name(v, join_path(path, key)) for key, v in m.items()}
+    seen: dict[str, str] = {}
+    for key, name in names.items():
+        if name in seen:
+            raise PolicyError(join_path(path, key), f"same header as {seen[name]}")
+        seen[name] = key
+    return Forward(names.get("subject"), names.get("san"), names.get("fingerprint"), names.get("xfcc"))
+
+
+TOP_LEVEL_KEYS: Final = frozenset(
+    {"policy", "mode", "exempt", "require", "require_sni_match", "reject", "source", "forward"}
+)
+
+
+def parse_policy(value: object, path: str = "", *, name: str | None = None) -> PolicyConfig:
+    """Validate one policy object (without a ``policy`` reference: resolve that first)."""
+    m = _mapping(value, path, TOP_LEVEL_KEYS)
+    if "policy" in m:
+        raise PolicyError(join_path(path, "policy"), "a named-policy reference is not allowed here")
+    mode = m.get("mode", Mode.ENFORCE.value)
+    if mode not in ("enforce", "report"):
+        raise PolicyError(join_path(path, "mode"), 'must be "enforce" or "report"')
+    return PolicyConfig(
+        mode=Mode(mode),
+        exempt=_exempt(m["exempt"], join_path(path, "exempt")) if "exempt" in m else (),
+        require=_require(m["require"], join_path(path, "require")) if "require" in m else Requirements(),
+        require_sni_match=_bool(m["require_sni_match"], join_path(path, "require_sni_match"))
+        if "require_sni_match" in m
+        else True,
+        reject=_reject(m["reject"], join_path(path, "reject")) if "reject" in m else Reject(),
+        source=_source(m["source"], join_path(path, "source")) if "source" in m else ApisixSource(),
+        forward=_forward(m["forward"], join_path(path, "forward")) if "forward" in m else Forward(),
+        name=name,
+    )
+
+
+# -- policy file -------------------------------------------------------------------------------------
+
+_POLICY_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
+
+
+def _frozen(value: object) -> object:
+    if isinstance(value, Mapping):
+        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
+    return value
+
+
+def _freeze(value: object) -> Mapping[str, object]:
+    """Deep read-only copy (mappings -> MappingProxyType, lists -> tuples) so a library cannot drift."""
+    frozen = _frozen(value)
+    assert isinstance(frozen, Mapping)
+    return frozen
+
+
+class _StrictLoader(yaml.SafeLoader):
+    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        keys: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in keys:
+                line, column = key_node.start_mark.line + 1, key_node.start_mark.column + 1
+                raise PolicyError("", f"duplicate key {key!r} at line {line} column {column}")
+            keys.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+@dataclass(frozen=True, slots=True)
+class PolicyLibrary:
+    """Named policies from the runner's policy file.
+
+    ``defaults`` apply to every named policy; a route conf ``{"policy": "<name>", ...}`` is the shallow
+    merge defaults < named policy < route keys, per top-level key. Routes that name no policy are not
+    affected by the file. Every part is validated when the library is built, so a broken file fails at
+    start-up, not on the first request of some route.
+    """
+
+    defaults: Mapping[str, object]
+    policies: Mapping[str, Mapping[str, object]]
+    source: str = "<policies>"
+
+    @classmethod
+    def from_mapping(cls, data: object, *, source: str = "<policies>") -> PolicyLibrary:
+        try:
+            top = _mapping(data, "", frozenset({"defaults", "policies"}))
+            defaults = top.get("defaults", {})
+            parse_policy(defaults, "defaults")
+            policies = top.get("policies", {})
+            if not isinstance(policies, Mapping):
+                raise PolicyError("policies", "must be an object of name -> policy")
+            for name, policy in policies.items():
+                if not isinstance(name, str) or not _POLICY_NAME.match(name):
+                    raise PolicyError(join_path("policies", str(name)), "names are [A-Za-z0-9_.-], at most 128")
+                parse_policy(policy, join_path("policies", name))
+        except PolicyError as exc:
+            raise PolicyError(exc.path, f"{source}: {exc}") from None
+        return cls(_freeze(defaults), MappingProxyType({n: _freeze(p) for n, p in policies.items()}), source)
+
+    @classmethod
+    def from_yaml_file(cls, path: str | os.PathLike[str]) -> PolicyLibrary:
+        name = os.fspath(path)
+        try:
+            with open(name, encoding="utf-8") as handle:
+                data = yaml.load(handle, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
+        except OSError as exc:
+            raise PolicyError("", f"{name}: cannot read policy file: {exc.strerror}") from None
+        except UnicodeDecodeError:
+            raise PolicyError("", f"{name}: policy file is not UTF-8") from None
+        except PolicyError as exc:
+            raise PolicyError("", f"{name}: {exc}") from None
+        except yaml.YAMLError as exc:
+            raise PolicyError("", f"{name}: invalid YAML: {exc}") from None
+        return cls.from_mapping({} if data is None else data, source=name)
+
+    def names(self) -> tuple[str, ...]:
+        return tuple(sorted(self.policies))
+
+    def resolve(self, route: Mapping[str, object]) -> tuple[dict[str, object], str]:
+        """Merge a route conf that names a policy; returns (merged policy object, policy name)."""
+        name = route["policy"]
+        if not isinstance(name, str) or name not in self.policies:
+            known = ", ".join(self.names()) or "none"
+            raise PolicyError("policy", f"unknown policy {name!r} in {self.source} (known: {known})")
+        merged = {**self.defaults, **self.policies[name]}
+        merged.update((k, v) for k, v in route.items() if k != "policy")
+        return merged, name
