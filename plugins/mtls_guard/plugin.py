@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
@@ -58,6 +58,8 @@ class MtlsGuard(BasePlugin[CompiledPolicy]):
         self.library: PolicyLibrary | None = None
         self.cache = CertificateCache()
         self.decisions = DecisionCounter()
+        self.observers: list[Callable[[HTTPRequest, Decision], None]] = []
+        """Called after every decision (metrics, the demo); must not raise."""
 
     def setup(self, options: Mapping[str, Any]) -> None:
         unknown = sorted(set(options) - _OPTIONS)
@@ -79,8 +81,11 @@ class MtlsGuard(BasePlugin[CompiledPolicy]):
 
     async def on_request(self, conf: CompiledPolicy, request: HTTPRequest) -> Stop | None:
         facts, decision = await decide_request(conf, request, self.cache)
+        request.state["mtls_guard.decision"] = decision
         self.decisions.record(decision)
         _log_decision(request, decision)
+        for observe in self.observers:
+            observe(request, decision)
         if not decision.allowed:
             status, headers, body = conf.reject_response(decision)
             return Stop(status, headers, body)
@@ -89,7 +94,6 @@ class MtlsGuard(BasePlugin[CompiledPolicy]):
                 request.delete_header(name)
             else:
                 request.set_header(name, value)
-        request.state["mtls_guard.decision"] = decision
         return None
 
 
@@ -113,4 +117,3 @@ def _log_decision(request: HTTPRequest, decision: Decision) -> None:
         request.conf_token,
         request.id,
     )
-
