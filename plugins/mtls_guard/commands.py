@@ -99,7 +99,7 @@ def _check(args: argparse.Namespace) -> int:
                 return _fail("check needs a POLICY or --policy-file")
             library = _library(args.policy_file)
             assert library is not None
-            for name in library.names:
+            for name in library.names():
                 compile_policy({"policy": name}, library)
                 print(f"policy {name!r}: valid")
             return 0

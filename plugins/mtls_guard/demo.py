@@ -28,7 +28,7 @@ __all__ = ["main"]
 HOST = "api.example.test"
 BILLING = "spiffe://example.test/ns/prod/sa/billing"
 
-POLICY = {
+POLICY: dict[str, object] = {
     "exempt": [
         {"id": "health", "path": "/healthz|/readyz", "methods": ["GET", "HEAD"]},
         {"id": "cors-preflight", "methods": ["OPTIONS"]},
@@ -36,7 +36,7 @@ POLICY = {
     "require": {"san": {"uri": ["spiffe://example.test/ns/*/sa/billing"]}},
     "forward": {"san": "x-client-san", "fingerprint": "x-client-fingerprint"},
 }
-REPORT_POLICY = {**POLICY, "mode": "report"}
+REPORT_POLICY: dict[str, object] = {**POLICY, "mode": "report"}
 
 
 @dataclass(frozen=True)
