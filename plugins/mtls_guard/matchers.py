@@ -242,10 +242,13 @@ def compile_regex(pattern: str) -> re2._Regexp[bytes]:
         raise ValueError(f"pattern longer than {MAX_PATTERN_LENGTH} characters")
     options = re2.Options()
     options.max_mem = _PATTERN_MAX_MEM
+    options.log_errors = False  # the error is reported through PolicyError, not RE2's stderr logging
     try:
         return re2.compile(pattern.encode("utf-8"), options)
     except re2.error as exc:
-        raise ValueError(f"not a valid RE2 regular expression: {exc}") from None
+        reason = exc.args[0] if exc.args else ""
+        text = reason.decode("utf-8", "replace") if isinstance(reason, bytes) else str(reason)
+        raise ValueError(f"not a valid RE2 regular expression: {text}") from None
 
 
 @dataclass(frozen=True, slots=True)
@@ -286,6 +289,7 @@ class ExemptMatcher:
         if patterns:
             options = re2.Options()
             options.max_mem = _SET_MAX_MEM
+            options.log_errors = False
             path_set = re2.Set.FullMatchSet(options)
             for pattern in patterns:
                 path_set.Add(pattern.encode("utf-8"))

@@ -471,6 +471,13 @@ def _freeze(value: object) -> Mapping[str, object]:
     return frozen
 
 
+def _located(exc: PolicyError, source: str) -> PolicyError:
+    """The same error, prefixed with the file it came from; ``path`` keeps the key path."""
+    located = PolicyError("", f"{source}: {exc}")
+    located.path = exc.path
+    return located
+
+
 class _StrictLoader(yaml.SafeLoader):
     """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
 
@@ -513,7 +520,7 @@ class PolicyLibrary:
                     raise PolicyError(join_path("policies", str(name)), "names are [A-Za-z0-9_.-], at most 128")
                 parse_policy(policy, join_path("policies", name))
         except PolicyError as exc:
-            raise PolicyError(exc.path, f"{source}: {exc}") from None
+            raise _located(exc, source) from None
         return cls(_freeze(defaults), MappingProxyType({n: _freeze(p) for n, p in policies.items()}), source)
 
     @classmethod
@@ -527,9 +534,12 @@ class PolicyLibrary:
         except UnicodeDecodeError:
             raise PolicyError("", f"{name}: policy file is not UTF-8") from None
         except PolicyError as exc:
-            raise PolicyError("", f"{name}: {exc}") from None
+            raise _located(exc, name) from None
         except yaml.YAMLError as exc:
-            raise PolicyError("", f"{name}: invalid YAML: {exc}") from None
+            mark = getattr(exc, "problem_mark", None)
+            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+            problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+            raise PolicyError("", f"{name}: invalid YAML{where}: {problem}") from None
         return cls.from_mapping({} if data is None else data, source=name)
 
     def names(self) -> tuple[str, ...]:

@@ -1,0 +1,117 @@
+"""Request-path canonicalisation: what may be matched against exemption rules, and what is ambiguous."""
+
+from __future__ import annotations
+
+import pytest
+
+from plugins.mtls_guard.paths import CanonicalPath, canonicalize
+
+
+class TestUnambiguousPaths:
+    @pytest.mark.parametrize(
+        ("raw", "expected"),
+        [
+            ("/", "/"),
+            ("/api/v1/items", "/api/v1/items"),
+            ("/trailing/", "/trailing/"),
+            ("/Public", "/Public"),
+            ("/.well-known/acme-challenge/x", "/.well-known/acme-challenge/x"),
+            ("/a..b/...", "/a..b/..."),
+            ("/a%20b", "/a b"),
+            ("/caf%C3%A9", "/café"),
+            ("/café", "/café"),
+            ("/a%3Fb", "/a?b"),
+            ("/%41dmin", "/Admin"),
+            ("/%2e%2ex", "/..x"),
+            ("/a%2Eb", "/a.b"),
+        ],
+    )
+    def test_decoded_value(self, raw: str, expected: str) -> None:
+        """A path free of ambiguous forms is percent-decoded, case preserved, and matched as such."""
+        assert canonicalize(raw) == CanonicalPath(expected, False)
+
+
+class TestAmbiguousPaths:
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            pytest.param(None, id="none"),
+            pytest.param("", id="empty"),
+            pytest.param("admin", id="relative"),
+            pytest.param("*", id="asterisk-form"),
+            pytest.param("http://h/admin", id="absolute-form"),
+        ],
+    )
+    def test_missing_or_not_absolute(self, raw: str | None) -> None:
+        """A path that is absent or does not start with "/" is ambiguous."""
+        assert canonicalize(raw).ambiguous
+
+    @pytest.mark.parametrize("raw", ["/a%zz", "/a%4", "/a%", "/%%41", "/%g0"])
+    def test_invalid_percent_encoding(self, raw: str) -> None:
+        """A "%" that does not start two hex digits makes the path ambiguous."""
+        assert canonicalize(raw) == CanonicalPath(raw, True, "bad-escape")
+
+    @pytest.mark.parametrize("raw", ["/public%2F..%2Fadmin", "/a%2fb", "/a%5Cb", "/a%5cb", "/a%252e%252e/b", "/100%25"])
+    def test_encoded_separators_and_double_encoding(self, raw: str) -> None:
+        """Encoded slash, encoded backslash and encoded "%" (double encoding) are never decoded."""
+        assert canonicalize(raw) == CanonicalPath(raw, True, "encoded-separator")
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            "/public/../admin",
+            "/public/..",
+            "/./admin",
+            "/a/.",
+            "/..",
+            "//admin",
+            "/a//b",
+            "/public;/../admin",
+            "/public/..;/admin",
+            "/a;jsessionid=1",
+            "/a\\b",
+            "/health\n",
+            "/a\x00b",
+            "/a\tb",
+            "/a\x7fb",
+            "/a\x85b",
+            "/a?b=1",
+            "/a#frag",
+        ],
+    )
+    def test_raw_ambiguous_forms(self, raw: str) -> None:
+        """Dot segments, empty segments, ";", "\\", controls, "?" and "#" in the raw path are ambiguous."""
+        assert canonicalize(raw) == CanonicalPath(raw, True, "raw-ambiguous")
+
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            "/public/%2e%2e/admin",
+            "/public/.%2e/admin",
+            "/%2E/admin",
+            "/health%0A",
+            "/health%0d%0a",
+            "/a%00",
+            "/a%7F",
+            "/a%09b",
+            "/public%3B/admin",
+            "/a%C2%85b",
+        ],
+    )
+    def test_decoded_ambiguous_forms(self, raw: str) -> None:
+        """Forms that only appear after decoding (%2e dot segments, %0A, %3B, encoded C1) are ambiguous."""
+        assert canonicalize(raw) == CanonicalPath(raw, True, "decoded-ambiguous")
+
+    @pytest.mark.parametrize("raw", ["/%C3", "/%C0%AF", "/%ED%A0%80", "/%FF", "/\udcff"])
+    def test_invalid_utf8(self, raw: str) -> None:
+        """Bytes that are not valid UTF-8 (truncated, overlong "/", surrogates) make the path ambiguous."""
+        assert canonicalize(raw) == CanonicalPath(raw, True, "invalid-utf8")
+
+    def test_ambiguous_value_is_the_raw_input(self) -> None:
+        """An ambiguous result carries the raw input (for logs), never a partially decoded string."""
+        assert canonicalize("/a/%2e%2e/b").value == "/a/%2e%2e/b"
+
+    def test_long_path_is_handled(self) -> None:
+        """An 8 KB path is canonicalised without error."""
+        raw = "/" + "a%41" * 2048
+        assert canonicalize(raw) == CanonicalPath("/" + "aA" * 2048, False)
