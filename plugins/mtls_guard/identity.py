@@ -49,7 +49,6 @@ _OID_RE = re.compile(r"[0-9]+(?:\.[0-9]+)+")
 # the "-" that follows, so matching is linear.
 _PEM_INPUT_RE = re.compile(r"\s*(?:-----BEGIN CERTIFICATE-----[A-Za-z0-9+/=\s]+-----END CERTIFICATE-----\s*)+")
 _PEM_BLOCK_RE = re.compile(r"-----BEGIN CERTIFICATE-----([A-Za-z0-9+/=\s]+)-----END CERTIFICATE-----")
-_WS_RE = re.compile(r"\s+")
 _BAD_PERCENT_RE = re.compile(r"%(?![0-9A-Fa-f]{2})")
 _RAW_URL_CHARS_RE = re.compile(r"[\x20-\x7e]*")
 # ASCII-only lower-casing: str.lower() would fold e.g. KELVIN SIGN (U+212A) into "k".
@@ -237,7 +236,7 @@ def split_pem(data: str | bytes) -> tuple[str, ...]:
         raise CertificateError("PEM input is not ASCII") from None
     if not _PEM_INPUT_RE.fullmatch(text):
         raise CertificateError("input is not a sequence of PEM certificates")
-    return tuple(_WS_RE.sub("", body) for body in _PEM_BLOCK_RE.findall(text))
+    return tuple("".join(body.split()) for body in _PEM_BLOCK_RE.findall(text))
 
 
 def _der_from_body(body: str) -> bytes:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from urllib.parse import quote
 
 import pytest
+from cryptography.hazmat.primitives.serialization import Encoding
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -302,6 +303,7 @@ class TestBuildXfcc:
         assert keys == ["By", "Hash", "Cert", "Subject", "URI", "DNS"]
         assert f"Hash={leaf_cert.fingerprint_sha256}" in value
         assert 'Subject="CN=client,O=Example"' in value
+        assert f'Cert="{escaped(leaf_cert.certificate.public_bytes(Encoding.PEM).decode())}"' in value
 
     def test_header_safe_for_hostile_names(self, factory: CertFactory, root: Issued) -> None:
         """Quotes, separators, non-ASCII and control characters never break out of the header value."""
