@@ -7,6 +7,8 @@ import logging
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from .httpd import HealthEndpoint
+from .metrics import MetricsSource, RPCStats, build_registry
 from .registry import PluginRegistry
 from .server import RunnerServer, StartupError
 from .session import RPCObserver
@@ -30,6 +32,31 @@ def setup_plugins(registry: PluginRegistry, settings: Settings) -> None:
             plugin.setup(settings.plugins.get(plugin.name, {}))
         except Exception as exc:
             raise StartupError(f"plugin {plugin.name!r} setup failed: {exc}") from exc
+
+
+def _metrics_endpoint(
+    address: str, registry: PluginRegistry, observers: list[RPCObserver]
+) -> Callable[[RunnerServer], HealthEndpoint]:
+    """Prepare /metrics + health; raises ImportError without prometheus-client."""
+    from prometheus_client import generate_latest
+
+    stats = RPCStats()
+    observers.append(stats)
+    sources = [p for p in registry if isinstance(p, MetricsSource)]
+
+    def build(server: RunnerServer) -> HealthEndpoint:
+        gauges = {
+            "mtls_guard_conf_tokens": ("Conf tokens cached", lambda: float(len(server.store))),
+            "mtls_guard_compiled_confs": (
+                "Distinct compiled plugin configs",
+                lambda: float(server.store.compiled_count),
+            ),
+            "mtls_guard_connections": ("Open APISIX connections", lambda: float(len(server.connections))),
+        }
+        prom = build_registry(stats, gauges, sources)
+        return HealthEndpoint(address, ready=server.ready, metrics=lambda: bytes(generate_latest(prom)))
+
+    return build
 
 
 def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -58,13 +85,27 @@ def run(
     except StartupError as exc:
         log.error("event=startup_failed reason=%r", str(exc))
         return EXIT_STARTUP_FAILURE
+    observers = list(observers)
+    endpoint_factory = None
+    if settings.metrics_addr is not None:
+        try:
+            endpoint_factory = _metrics_endpoint(settings.metrics_addr, registry, observers)
+        except ImportError:
+            log.error("event=startup_failed reason='metrics_addr needs the metrics extra (prometheus-client)'")
+            return EXIT_STARTUP_FAILURE
     server = RunnerServer(settings, registry, observers=observers)
 
     async def main() -> int:
+        endpoint = None
         try:
             await server.start()
-        except StartupError as exc:
+            if endpoint_factory is not None:
+                endpoint = endpoint_factory(server)
+                await endpoint.start()
+        except (StartupError, OSError) as exc:
             log.error("event=startup_failed reason=%r", str(exc))
+            if endpoint is not None:
+                await endpoint.close()
             return EXIT_STARTUP_FAILURE
         server.install_signal_handlers()
         side = asyncio.ensure_future(extra(server)) if extra is not None else None
@@ -74,6 +115,8 @@ def run(
             server.remove_signal_handlers()
             if side is not None:
                 side.cancel()
+            if endpoint is not None:
+                await endpoint.close()
         return EXIT_OK
 
     loop = _new_loop(settings.event_loop)

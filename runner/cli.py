@@ -36,6 +36,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--log-file", help="also write log lines to this file")
     p.add_argument("--call-timeout", type=float, help="seconds a plugin chain may take (default 10)")
     p.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"))
+    p.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve /metrics, /healthz, /readyz (opt-in)")
     p.set_defaults(command=_run)
 
 
@@ -46,6 +47,7 @@ def _run(args: argparse.Namespace) -> int:
         "log_file": args.log_file,
         "call_timeout": args.call_timeout,
         "event_loop": args.event_loop,
+        "metrics_addr": args.metrics_addr,
     }
     try:
         settings = load_settings(environ=os.environ, config_file=args.config, overrides=overrides)

@@ -14,6 +14,7 @@ import socket
 import stat
 import time
 from collections.abc import Iterable
+from typing import cast
 
 from .confcache import ConfStore
 from .registry import PluginRegistry
@@ -69,10 +70,10 @@ class _Connection(asyncio.Protocol):
         self.session: Session | None = None
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports implement the interface without subclassing asyncio.Transport.
+        self.transport = cast(asyncio.Transport, transport)
         self.session = Session(
-            self._server.session_config, transport.write, transport.close, self._server.loop.call_soon
+            self._server.session_config, self.transport.write, self.transport.close, self._server.loop.call_soon
         )
         self._server.connections.add(self)
 
@@ -113,6 +114,7 @@ class RunnerServer:
         self._stopping: asyncio.Event | None = None
         self._all_closed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._socket_inode: int | None = None
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -123,9 +125,40 @@ class RunnerServer:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         self._all_closed = asyncio.Event()
-        sock = bind_unix_socket(self.settings.listen, self.settings.socket_mode)
-        self._server = await self._loop.create_unix_server(lambda: _Connection(self), sock=sock)
+        await self._listen()
         log.info("event=listening path=%s plugins=%s", self.settings.listen, ",".join(self.registry.names))
+
+    async def _listen(self) -> None:
+        sock = bind_unix_socket(self.settings.listen, self.settings.socket_mode)
+        self._socket_inode = os.stat(self.settings.listen).st_ino
+        self._server = await self.loop.create_unix_server(lambda: _Connection(self), sock=sock)
+
+    def ready(self) -> bool:
+        """Listening, not shutting down, and our socket file is still at its path."""
+        if self._server is None or self._stopping is None or self._stopping.is_set():
+            return False
+        return self._socket_intact()
+
+    def _socket_intact(self) -> bool:
+        try:
+            st = os.lstat(self.settings.listen)
+        except OSError:
+            return False
+        return stat.S_ISSOCK(st.st_mode) and st.st_ino == self._socket_inode
+
+    async def _restore_socket(self) -> None:
+        """Someone deleted our socket file (tmp cleaners do): APISIX could no longer connect, so
+        listen again at the same path. Established connections are unaffected. A path taken over
+        by another file is left alone (readiness then reports it)."""
+        log.warning("event=socket_missing path=%s action=rebind", self.settings.listen)
+        old = self._server
+        try:
+            await self._listen()
+        except StartupError as exc:
+            log.error("event=socket_rebind_failed reason=%r", str(exc))
+            return
+        if old is not None:
+            old.close()
 
     def stop(self) -> None:
         """Ask the server to shut down (signal-safe: only sets an event)."""
@@ -174,9 +207,9 @@ class RunnerServer:
             conn.transport.close()
 
     def _unlink(self) -> None:
-        with contextlib.suppress(FileNotFoundError):
-            st = os.lstat(self.settings.listen)
-            if stat.S_ISSOCK(st.st_mode):
+        # Only our own socket: after a rebind by someone else's process we must not remove theirs.
+        if self._socket_intact():
+            with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.settings.listen)
 
     async def _sweep(self) -> None:
@@ -185,6 +218,8 @@ class RunnerServer:
             await asyncio.sleep(_SWEEP_INTERVAL)
             now = time.perf_counter()
             mono = time.monotonic()
+            if not self._socket_intact() and not os.path.lexists(self.settings.listen):
+                await self._restore_socket()
             for conn in list(self.connections):
                 session = conn.session
                 if session is None:

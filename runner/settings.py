@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .httpd import parse_host_port
 from .protocol.messages import MAX_PAYLOAD
 
 __all__ = ["Settings", "SettingsError", "load_settings", "parse_listen_address"]
@@ -46,6 +47,8 @@ class Settings:
     log_level: LogLevel = "warning"
     log_file: str | None = None
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    metrics_addr: str | None = None
+    """HOST:PORT serving /metrics, /healthz and /readyz (opt-in)."""
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -75,6 +78,11 @@ class Settings:
         _check(1024 <= self.max_frame_bytes <= MAX_PAYLOAD, f"max_frame_bytes must be in [1024, {MAX_PAYLOAD}]")
         _check(self.log_level in _LOG_LEVELS, f"log_level must be one of {', '.join(_LOG_LEVELS)}")
         _check(self.event_loop in _LOOPS, f"event_loop must be one of {', '.join(_LOOPS)}")
+        if self.metrics_addr is not None:
+            try:
+                parse_host_port(self.metrics_addr)
+            except ValueError as exc:
+                raise SettingsError(f"metrics_addr: {exc}") from None
         for name, options in self.plugins.items():
             _check(isinstance(options, Mapping), f"plugins.{name} must be a mapping")
 
@@ -133,7 +141,7 @@ _NUMBER_TYPES: dict[str, type] = {
 def _coerce(name: str, value: Any) -> Any:
     kind = _NUMBER_TYPES.get(name)
     if kind is None:
-        if name in ("listen", "log_level", "event_loop") and not isinstance(value, str):
+        if name in ("listen", "log_level", "event_loop", "metrics_addr") and not isinstance(value, str):
             raise SettingsError(f"{name} must be a string")
         if name == "log_file" and value is not None and not isinstance(value, str):
             raise SettingsError("log_file must be a path")
@@ -170,7 +178,7 @@ def load_settings(
         values["listen"] = environ["APISIX_LISTEN_ADDRESS"]
     if "APISIX_CONF_EXPIRE_TIME" in environ:
         raw = environ["APISIX_CONF_EXPIRE_TIME"].strip()
-        if not raw.isdigit():
+        if not (raw.isascii() and raw.isdigit()):  # str.isdigit() also accepts "²", which int() refuses
             raise SettingsError(f"APISIX_CONF_EXPIRE_TIME={raw!r} is not a positive integer")
         values["conf_expire_time"] = int(raw)
     values.update({key: value for key, value in (overrides or {}).items() if value is not None})
@@ -178,6 +186,9 @@ def load_settings(
         raise SettingsError("no socket to listen on: set APISIX_LISTEN_ADDRESS=unix:/path or pass --listen")
     values = {k: _coerce(k, v) for k, v in values.items()}
     values["listen"] = parse_listen_address(values["listen"])
+    directory = os.path.dirname(values["listen"])
+    if not os.path.isdir(directory):  # caught here, with the other settings, not later at bind()
+        raise SettingsError(f"listen: socket directory {directory} does not exist")
     if "token_ttl" not in values:
         values["token_ttl"] = 1.2 * values.get("conf_expire_time", 3600)
     try:

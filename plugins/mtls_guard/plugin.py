@@ -13,6 +13,7 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from runner.metrics import CounterSnapshot
 from runner.plugin import BasePlugin, HTTPRequest
 from runner.protocol.messages import Stop
 
@@ -75,6 +76,23 @@ class MtlsGuard(BasePlugin[CompiledPolicy]):
                 self.library = PolicyLibrary.from_yaml_file(str(policy_file))
             except PolicyError as exc:
                 raise ValueError(f"policy file {policy_file}: {exc}") from exc
+
+    def metrics(self) -> list[CounterSnapshot]:
+        """Decision counts by bounded labels (runner.metrics.MetricsSource)."""
+        return [
+            CounterSnapshot(
+                "mtls_guard_decisions",
+                "mtls-guard decisions by verdict, reason and mode",
+                ("verdict", "reason", "mode"),
+                {labels: float(n) for labels, n in self.decisions.items()},
+            ),
+            CounterSnapshot(
+                "mtls_guard_certificate_parses",
+                "Client certificate cache lookups by result",
+                ("result",),
+                {("hit",): self.cache.hits, ("miss",): self.cache.misses},
+            ),
+        ]
 
     def parse_conf(self, value: str) -> CompiledPolicy:
         return compile_policy(value, self.library)

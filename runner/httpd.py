@@ -1,0 +1,89 @@
+"""A minimal HTTP endpoint on the runner's own event loop: ``/metrics``, ``/healthz``, ``/readyz``.
+
+It runs in the same loop as the protocol server on purpose: if ``/healthz`` answers, the loop that
+serves APISIX is alive. Opt-in (``metrics_addr``), GET only, one request per connection, bounded
+request size and time — it is meant for a scraper and a kubelet, not for the internet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Callable
+
+__all__ = ["HealthEndpoint", "parse_host_port"]
+
+_MAX_REQUEST = 8192
+_READ_TIMEOUT = 5.0
+
+
+def parse_host_port(value: str) -> tuple[str, int]:
+    """``127.0.0.1:9464`` / ``[::1]:9464`` / ``:9464`` -> (host, port); ValueError if malformed."""
+    host, sep, port = value.rpartition(":")
+    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"{value!r} is not HOST:PORT")
+    host = host.strip("[]") or "127.0.0.1"
+    return host, int(port)
+
+
+class HealthEndpoint:
+    def __init__(
+        self,
+        address: str,
+        *,
+        ready: Callable[[], bool],
+        metrics: Callable[[], bytes] | None,
+    ) -> None:
+        self._host, self._port = parse_host_port(address)
+        self._ready = ready
+        self._metrics = metrics
+        self._server: asyncio.Server | None = None
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        sock = self._server.sockets[0]
+        return int(sock.getsockname()[1])
+
+    async def start(self) -> None:
+        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+
+    async def close(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 0.2)
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), _READ_TIMEOUT)
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, ConnectionError):
+            writer.close()
+            return
+        if len(head) > _MAX_REQUEST:
+            status, body, ctype = "431 Request Header Fields Too Large", b"", "text/plain"
+        else:
+            status, body, ctype = self._route(head.split(b"\r\n", 1)[0])
+        writer.write(
+            f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
+            "Connection: close\r\n\r\n".encode("ascii")
+            + body
+        )
+        with contextlib.suppress(ConnectionError):
+            await writer.drain()
+        writer.close()
+
+    def _route(self, request_line: bytes) -> tuple[str, bytes, str]:
+        parts = request_line.split(b" ")
+        if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
+            return "405 Method Not Allowed", b"GET only\n", "text/plain"
+        path = parts[1].split(b"?", 1)[0]
+        if path == b"/healthz":
+            return "200 OK", b"ok\n", "text/plain"
+        if path == b"/readyz":
+            if self._ready():
+                return "200 OK", b"ready\n", "text/plain"
+            return "503 Service Unavailable", b"not ready\n", "text/plain"
+        if path == b"/metrics" and self._metrics is not None:
+            return "200 OK", self._metrics(), "text/plain; version=0.0.4; charset=utf-8"
+        return "404 Not Found", b"not found\n", "text/plain"

@@ -1,0 +1,103 @@
+"""Runner metrics, kept in plain counters on the hot path and turned into Prometheus families only
+when scraped (``prometheus_client`` is an optional extra and is imported lazily).
+
+Labels are bounded by construction: RPC type and outcome come from fixed sets, plugins report their
+own bounded label sets through ``CounterSnapshot`` (mtls-guard: verdict, reason, mode — never DNs,
+paths or fingerprints).
+"""
+
+from __future__ import annotations
+
+import bisect
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass
+from typing import Any, Protocol, runtime_checkable
+
+__all__ = ["CounterSnapshot", "MetricsSource", "RPCStats", "build_registry"]
+
+# Seconds; the runner answers in tens of microseconds, a slow plugin in up to call_timeout.
+_BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0)
+
+
+@dataclass(frozen=True, slots=True)
+class CounterSnapshot:
+    """A counter family a plugin exposes: values keyed by label-value tuples."""
+
+    name: str
+    documentation: str
+    labels: tuple[str, ...]
+    values: Mapping[tuple[str, ...], float]
+
+
+@runtime_checkable
+class MetricsSource(Protocol):
+    """Plugins that have counters implement this; the runner scrapes it on demand."""
+
+    def metrics(self) -> Iterable[CounterSnapshot]: ...
+
+
+class RPCStats:
+    """RPC counts by (type, outcome) and a latency histogram by type: an RPCObserver."""
+
+    __slots__ = ("counts", "histograms")
+
+    def __init__(self) -> None:
+        self.counts: dict[tuple[str, str], int] = {}
+        # type -> [bucket counts..., +Inf count], sum
+        self.histograms: dict[str, tuple[list[int], list[float]]] = {}
+
+    def __call__(self, rpc_type: str, outcome: str, seconds: float) -> None:
+        key = (rpc_type, outcome)
+        self.counts[key] = self.counts.get(key, 0) + 1
+        hist = self.histograms.get(rpc_type)
+        if hist is None:
+            hist = self.histograms[rpc_type] = ([0] * (len(_BUCKETS) + 1), [0.0])
+        hist[0][bisect.bisect_left(_BUCKETS, seconds)] += 1
+        hist[1][0] += seconds
+
+
+def build_registry(
+    stats: RPCStats,
+    gauges: Mapping[str, tuple[str, Callable[[], float]]],
+    sources: Iterable[MetricsSource],
+) -> Any:
+    """A private CollectorRegistry exposing everything; needs the ``metrics`` extra."""
+    from prometheus_client.core import (
+        CollectorRegistry,
+        CounterMetricFamily,
+        GaugeMetricFamily,
+        HistogramMetricFamily,
+    )
+
+    class _Collector:
+        def collect(self) -> Iterator[Any]:
+            rpc = CounterMetricFamily("mtls_guard_rpc", "RPCs handled, by type and outcome", labels=["type", "outcome"])
+            for (rpc_type, outcome), n in sorted(stats.counts.items()):
+                rpc.add_metric([rpc_type, outcome], n)
+            yield rpc
+            latency = HistogramMetricFamily(
+                "mtls_guard_rpc_duration_seconds", "Time from an RPC's arrival to its reply", labels=["type"]
+            )
+            for rpc_type, (counts, total) in sorted(stats.histograms.items()):
+                cumulative, buckets = 0, []
+                for bound, n in zip((*_BUCKETS, float("inf")), counts, strict=True):
+                    cumulative += n
+                    buckets.append((_bound(bound), cumulative))
+                latency.add_metric([rpc_type], buckets, sum_value=total[0])
+            yield latency
+            for name, (doc, read) in gauges.items():
+                yield GaugeMetricFamily(name, doc, value=read())
+            for source in sources:
+                for snap in source.metrics():
+                    family = CounterMetricFamily(snap.name, snap.documentation, labels=list(snap.labels))
+                    for labels, value in sorted(snap.values.items()):
+                        family.add_metric(list(labels), value)
+                    yield family
+
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Collector())
+    return registry
+
+
+def _bound(value: float) -> str:
+    return "+Inf" if value == float("inf") else repr(value)
