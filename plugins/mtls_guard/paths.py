@@ -11,6 +11,7 @@ always goes through the certificate checks (fail closed). Only an unambiguous pa
 from __future__ import annotations
 
 import re
+import unicodedata
 from dataclasses import dataclass
 from typing import Final
 
@@ -35,6 +36,14 @@ _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # double-decoding upstream would turn into "..").
 _DANGEROUS_ESCAPE: Final = re.compile(r"%(?:2[fF]|5[cC]|25)")
 _ESCAPE: Final = re.compile(r"(?:%[0-9A-Fa-f]{2})+")
+# Non-ASCII code points no legitimate route needs and that some stacks drop or treat as line breaks:
+# other controls, format characters (zero-width, bidi overrides), line/paragraph separators,
+# surrogates, private use, unassigned.
+_BAD_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
+# ASCII characters that give a path its structure; compatibility forms of them (U+FF0F fullwidth
+# solidus, U+FF0E fullwidth full stop, U+2024 one dot leader, ...) become the real thing in upstreams
+# that apply NFKC or Windows "best-fit" mappings.
+_STRUCTURAL: Final = "/.\\;%?#"
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,6 +69,13 @@ def _decode_run(match: re.Match[str]) -> str:
     return bytes.fromhex(match.group(0).replace("%", "")).decode("utf-8", "strict")
 
 
+def _unicode_ambiguous(value: str) -> bool:
+    if any(unicodedata.category(c) in _BAD_CATEGORIES for c in value if c > "\x7f"):
+        return True
+    folded = unicodedata.normalize("NFKC", value)
+    return folded != value and any(value.count(c) != folded.count(c) for c in _STRUCTURAL)
+
+
 def canonicalize(raw: str | None) -> CanonicalPath:
     """Return the canonical form of ``raw`` and whether it is ambiguous (see the module docstring)."""
     if not raw:
@@ -74,6 +90,8 @@ def canonicalize(raw: str | None) -> CanonicalPath:
     except UnicodeEncodeError:
         return _ambiguous(raw, "invalid-utf8")
     if "%" not in raw:
+        if not raw.isascii() and _unicode_ambiguous(raw):
+            return _ambiguous(raw, "unicode-ambiguous")
         return CanonicalPath(raw, False)
     if _BAD_ESCAPE.search(raw) is not None:
         return _ambiguous(raw, "bad-escape")
@@ -85,4 +103,6 @@ def canonicalize(raw: str | None) -> CanonicalPath:
         return _ambiguous(raw, "invalid-utf8")
     if _DECODED_AMBIGUOUS.search(decoded) is not None:
         return _ambiguous(raw, "decoded-ambiguous")
+    if not decoded.isascii() and _unicode_ambiguous(decoded):
+        return _ambiguous(raw, "unicode-ambiguous")
     return CanonicalPath(decoded, False)

@@ -107,6 +107,26 @@ class TestAmbiguousPaths:
         """Bytes that are not valid UTF-8 (truncated, overlong "/", surrogates) make the path ambiguous."""
         assert canonicalize(raw) == CanonicalPath(raw, True, "invalid-utf8")
 
+    @pytest.mark.parametrize(
+        "raw",
+        [
+            "/public/\uff0e\uff0e/admin",
+            "/public\uff0fadmin",
+            "/public/%EF%BC%8E%EF%BC%8E/admin",
+            "/a\uff05 2e",
+            "/a\uff1bb",
+            "/\u2024\u2024/admin",
+            "/ad\u200bmin",
+            "/a\u202eb",
+            "/a\u2028",
+            "/a\ue000",
+            "/a\ud7fc",
+        ],
+    )
+    def test_unicode_lookalikes_and_invisible_characters(self, raw: str) -> None:
+        """Compatibility forms of "/", ".", "%", ";" and invisible or unassigned code points are ambiguous."""
+        assert canonicalize(raw) == CanonicalPath(raw, True, "unicode-ambiguous")
+
     def test_ambiguous_value_is_the_raw_input(self) -> None:
         """An ambiguous result carries the raw input (for logs), never a partially decoded string."""
         assert canonicalize("/a/%2e%2e/b").value == "/a/%2e%2e/b"
