@@ -1,0 +1,167 @@
+"""Real HTTP(S) clients for the end-to-end tests: httpx (with a client certificate through an SSLContext) and curl.
+
+Names never resolve through DNS: httpx connects to 127.0.0.1 and sends the SNI via httpcore's
+``sni_hostname`` extension (so SNI and Host can differ), curl uses ``--resolve``. A client can bind
+its source address (``source="127.0.0.2"``) to play an untrusted peer on the loopback network.
+"""
+
+from __future__ import annotations
+
+import json
+import ssl
+import subprocess
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from tests.e2e.nginx_front import NginxFront
+from tests.e2e.pki import API_HOST, FRONT_HOST, Pki
+
+__all__ = ["Clients", "Reply"]
+
+REASON_HEADER = "x-mtls-guard-reason"
+LOOPBACK = "127.0.0.1"
+
+
+@dataclass(frozen=True)
+class Reply:
+    """One HTTP response as the client saw it."""
+
+    status: int
+    headers: Mapping[str, str]  # lower-case names; repeated headers joined with ", "
+    body: bytes
+    via: str = "httpx"
+    all_headers: tuple[tuple[str, str], ...] = field(default=())
+
+    @property
+    def reason(self) -> str | None:
+        """The plugin's reason (``expose_reason``), None when the plugin did not answer."""
+        return self.headers.get(REASON_HEADER)
+
+    @property
+    def outcome(self) -> str | None:
+        """What the bridge saw from the runner: stop / rewrite / pass / error."""
+        return self.headers.get("x-e2e-outcome")
+
+    def upstream(self) -> dict[str, Any]:
+        """The fake upstream's JSON echo; fails the test when the request never reached the upstream."""
+        assert self.status == 200, f"expected the upstream's 200, got {self.status}: {self.describe()}"
+        data = json.loads(self.body)
+        assert isinstance(data, dict)
+        return data
+
+    def upstream_headers(self, name: str) -> list[str]:
+        """Every value of request header ``name`` as the upstream received it."""
+        return [v for n, v in self.upstream()["headers"] if n == name]
+
+    def describe(self) -> str:
+        head = {k: v for k, v in self.headers.items() if k.startswith(("x-e2e", REASON_HEADER))}
+        return f"{self.via} {self.status} {head} {self.body[:200]!r}"
+
+
+class Clients:
+    """Builds requests against one NginxFront."""
+
+    def __init__(self, front: NginxFront, pki: Pki) -> None:
+        self.front = front
+        self.pki = pki
+        self._contexts: dict[str | None, ssl.SSLContext] = {}
+
+    def context(self, cert: str | None) -> ssl.SSLContext:
+        """A TLS client context trusting the test CA, presenting client certificate ``cert`` (a Pki name)."""
+        if cert not in self._contexts:
+            ctx = ssl.create_default_context(cafile=str(self.pki.ca_file))
+            client = self.pki.client(cert)
+            if client is not None:
+                ctx.load_cert_chain(str(client.cert), str(client.key))
+            self._contexts[cert] = ctx
+        return self._contexts[cert]
+
+    def client(self, cert: str | None = None, *, source: str = LOOPBACK, timeout: float = 15.0) -> httpx.Client:
+        """A persistent httpx client (keep-alive: one TLS handshake for many requests)."""
+        ctx = self.context(cert)
+        transport = httpx.HTTPTransport(verify=ctx, local_address=source, retries=0)
+        return httpx.Client(transport=transport, verify=ctx, timeout=timeout, trust_env=False)
+
+    def request(
+        self,
+        path: str,
+        *,
+        cert: str | None = None,
+        method: str = "GET",
+        listener: str = "https",
+        host: str | None = None,
+        sni: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+        source: str = LOOPBACK,
+        client: httpx.Client | None = None,
+        content: bytes | None = None,
+    ) -> Reply:
+        """One request through nginx; ``listener`` is https, http or front; ``host`` the Host header."""
+        default_host = FRONT_HOST if listener == "front" else API_HOST
+        host = host or default_host
+        extensions = {} if listener == "http" else {"sni_hostname": sni or default_host}
+        request_headers = [("Host", host), *headers]
+        owned = client is None
+        http = client or self.client(cert, source=source)
+        try:
+            response = http.request(
+                method,
+                self.front.url(listener, path),
+                headers=request_headers,
+                extensions=extensions,
+                content=content,
+            )
+        finally:
+            if owned:
+                http.close()
+        return Reply(
+            response.status_code,
+            {k.lower(): v for k, v in response.headers.items()},
+            response.content,
+            "httpx",
+            tuple((k.lower(), v) for k, v in response.headers.multi_items()),
+        )
+
+    def curl(
+        self,
+        path: str,
+        *,
+        cert: str | None = None,
+        method: str = "GET",
+        listener: str = "https",
+        host: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+        source: str | None = None,
+    ) -> Reply:
+        """The same request with the curl command line an operator would type."""
+        name = host or (FRONT_HOST if listener == "front" else API_HOST)
+        port = getattr(self.front.ports, listener)
+        scheme = "http" if listener == "http" else "https"
+        with tempfile.TemporaryDirectory(prefix="mg-curl-") as tmp:
+            head, body = Path(tmp, "head"), Path(tmp, "body")
+            argv = [self.front.env.curl, "-q", "-sS", "--noproxy", "*", "--max-time", "15"]
+            argv += ["--resolve", f"{name}:{port}:127.0.0.1", "-X", method, "-D", str(head), "-o", str(body)]
+            argv += ["-w", "%{http_code}"]
+            if scheme == "https":
+                argv += ["--cacert", str(self.pki.ca_file)]
+            client = self.pki.client(cert)
+            if client is not None:
+                argv += ["--cert", str(client.cert), "--key", str(client.key)]
+            if source is not None:
+                argv += ["--interface", source]
+            for header_name, value in headers:
+                argv += ["-H", f"{header_name}: {value}"]
+            argv.append(f"{scheme}://{name}:{port}{path}")
+            done = subprocess.run(argv, capture_output=True, text=True, timeout=30, check=False)
+            assert done.returncode == 0, f"curl failed ({done.returncode}): {done.stderr.strip()}"
+            pairs = []
+            for line in head.read_text(encoding="latin-1").splitlines()[1:]:
+                header_name, sep, value = line.partition(":")
+                if sep:
+                    pairs.append((header_name.strip().lower(), value.strip()))
+            return Reply(int(done.stdout), dict(pairs), body.read_bytes(), "curl", tuple(pairs))

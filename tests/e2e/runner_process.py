@@ -1,0 +1,117 @@
+"""The real runner as APISIX spawns it: ``mtls-guard run`` with only PATH and the two APISIX variables."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+__all__ = ["RunnerProcess", "runner_executable"]
+
+
+def runner_executable() -> str:
+    """Absolute path of the venv's ``mtls-guard`` console script (the one ext-plugin.cmd would name)."""
+    found = shutil.which("mtls-guard", path=str(Path(sys.executable).parent))
+    if found is None:
+        raise RuntimeError(f"mtls-guard is not installed next to {sys.executable}")
+    return os.path.abspath(found)
+
+
+class RunnerProcess:
+    """Start, kill, terminate and restart one runner; its stdout+stderr go to ``log_path``.
+
+    The socket lives in a short directory (AF_UNIX paths are limited to 108 bytes); the log in the
+    test's own temporary directory. ``extra_args`` are passed after ``run`` (e.g. ``--config``).
+    """
+
+    def __init__(self, socket_path: str, log_path: Path, *extra_args: str, log_level: str = "info") -> None:
+        self.socket_path = socket_path
+        self.log_path = log_path
+        self.argv = [runner_executable(), "run", "--log-level", log_level, *extra_args]
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def environment(self) -> dict[str, str]:
+        # apisix/plugins/ext-plugin/helper.lua + ngx_tpl.lua "env PATH": nothing else reaches the runner.
+        return {
+            "PATH": os.environ.get("PATH", os.defpath),
+            "APISIX_LISTEN_ADDRESS": f"unix:{self.socket_path}",
+            "APISIX_CONF_EXPIRE_TIME": "3600",
+        }
+
+    @property
+    def pid(self) -> int:
+        assert self.proc is not None
+        return self.proc.pid
+
+    def start(self, timeout: float = 15.0) -> RunnerProcess:
+        assert self.proc is None or self.proc.poll() is not None, "runner already running"
+        with self.log_path.open("ab") as log:
+            self.proc = subprocess.Popen(
+                self.argv,
+                env=self.environment,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd="/",
+            )
+        self.starts += 1
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"runner exited with {self.proc.returncode} at start-up:\n{self.log()}")
+            if self._accepts():
+                return self
+            time.sleep(0.02)
+        self.kill()
+        raise RuntimeError(f"runner did not listen on {self.socket_path} within {timeout}s:\n{self.log()}")
+
+    def _accepts(self) -> bool:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            try:
+                sock.connect(self.socket_path)
+            except OSError:
+                return False
+        return True
+
+    def kill(self) -> None:
+        """SIGKILL: the runner gets no chance to close anything; its socket file stays behind."""
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(5)
+
+    def terminate(self, timeout: float = 5.0) -> tuple[int | None, float]:
+        """SIGTERM as APISIX's exit_worker sends it; returns (exit code or None if still alive, seconds)."""
+        assert self.proc is not None
+        started = time.monotonic()
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            code: int | None = self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            code = None
+        return code, time.monotonic() - started
+
+    def stop(self) -> None:
+        if self.proc is None or self.proc.poll() is not None:
+            return
+        code, _ = self.terminate(5.0)
+        if code is None:
+            self.kill()
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")
+        except FileNotFoundError:
+            return ""
+
+    def __enter__(self) -> RunnerProcess:
+        return self.start()
+
+    def __exit__(self, *exc: object) -> None:
+        self.stop()
