@@ -253,9 +253,18 @@ def compile_regex(pattern: str) -> re2._Regexp[bytes]:
 
 @dataclass(frozen=True, slots=True)
 class _Rule:
+    position: int  # index in the policy: the first matching rule wins
     id: str
     path_index: int  # -1 = no path condition
     hosts: DomainSet | None
+
+
+@dataclass(frozen=True, slots=True)
+class _MethodRules:
+    """The rules that can apply to one method: path rules by pattern index, and rules without a path."""
+
+    by_path: Mapping[int, _Rule]
+    pathless: tuple[_Rule, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -263,27 +272,26 @@ class ExemptMatcher:
     """Finds the first exempt rule matching (method, path[, host]).
 
     Rules are pre-grouped by method, and all path patterns sit in one RE2 full-match Set, so a request
-    costs one Set scan plus a walk over the few rules of its method. A Set hit is confirmed with the
-    rule's own compiled regex before it can exempt anything: a disagreement can only ever cost an
+    costs one Set scan plus a look at the few rules whose pattern matched. A Set hit is confirmed with
+    the rule's own compiled regex before it can exempt anything: a disagreement can only ever cost an
     exemption, never grant one.
     """
 
-    by_method: Mapping[str, tuple[_Rule, ...]]
-    other_methods: tuple[_Rule, ...]
+    by_method: Mapping[str, _MethodRules]
+    other_methods: _MethodRules
     regexes: tuple[re2._Regexp[bytes], ...]
     path_set: re2.Set | None
-    has_host_rules: bool
 
     @classmethod
     def of(cls, rules: Iterable[ExemptRuleSpec]) -> ExemptMatcher:
         compiled: list[tuple[_Rule, frozenset[str] | None]] = []
         patterns: list[str] = []
-        for rule in rules:
+        for position, rule in enumerate(rules):
             index = -1
             if rule.path is not None:
                 index = len(patterns)
                 patterns.append(rule.path)
-            compiled.append((_Rule(rule.id, index, rule.hosts), rule.methods))
+            compiled.append((_Rule(position, rule.id, index, rule.hosts), rule.methods))
         regexes = tuple(compile_regex(p) for p in patterns)
         path_set: re2.Set | None = None
         if patterns:
@@ -297,19 +305,20 @@ class ExemptMatcher:
                 path_set.Compile()
             except re2.error:
                 raise ValueError("the path patterns together exceed RE2's memory budget") from None
-        by_method = MappingProxyType(
-            {m: tuple(r for r, methods in compiled if methods is None or m in methods) for m in APISIX_METHODS}
-        )
+
+        def group(method: str | None) -> _MethodRules:
+            applicable = [r for r, methods in compiled if methods is None or (method is not None and method in methods)]
+            return _MethodRules(
+                MappingProxyType({r.path_index: r for r in applicable if r.path_index >= 0}),
+                tuple(r for r in applicable if r.path_index < 0),
+            )
+
         return cls(
-            by_method=by_method,
-            other_methods=tuple(r for r, methods in compiled if methods is None),
+            by_method=MappingProxyType({m: group(m) for m in APISIX_METHODS}),
+            other_methods=group(None),
             regexes=regexes,
             path_set=path_set,
-            has_host_rules=any(r.hosts is not None for r, _ in compiled),
         )
-
-    def rules_for(self, method: str) -> tuple[_Rule, ...]:
-        return self.by_method.get(method, self.other_methods)
 
     def match(self, method: str, path: bytes | None, host: str | None, host_known: bool) -> tuple[str, bool]:
         """Return (rule id or "", needs_host).
@@ -320,16 +329,20 @@ class ExemptMatcher:
         """
         if path is None:
             return "", False
-        hits: set[int] | None = None
+        group = self.by_method.get(method, self.other_methods)
+        candidates = list(group.pathless)
+        if group.by_path and self.path_set is not None:
+            # Set.Match returns a list of pattern indices (the stub says bool), or None for no match.
+            hits = cast("list[int] | None", self.path_set.Match(path))
+            if hits:
+                by_path = group.by_path
+                candidates.extend(by_path[i] for i in hits if i in by_path)
+                if len(candidates) > 1:
+                    candidates.sort(key=_position)
         needs_host = False
-        for rule in self.rules_for(method):
-            if rule.path_index >= 0:
-                if hits is None:
-                    # Set.Match returns a list of indices (the stub says bool); None when nothing matched.
-                    found = cast("list[int] | None", self.path_set.Match(path) if self.path_set else None)
-                    hits = set(found) if found else set()
-                if rule.path_index not in hits or self.regexes[rule.path_index].fullmatch(path) is None:
-                    continue
+        for rule in candidates:
+            if rule.path_index >= 0 and self.regexes[rule.path_index].fullmatch(path) is None:
+                continue
             if rule.hosts is None:
                 return rule.id, False
             if host_known:
@@ -338,3 +351,7 @@ class ExemptMatcher:
             else:
                 needs_host = True
         return "", needs_host
+
+
+def _position(rule: _Rule) -> int:
+    return rule.position

@@ -53,6 +53,7 @@ __all__ = [
 
 IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
 _T = TypeVar("_T")
+_D = TypeVar("_D")
 
 HOST_MISMATCH_STATUS: Final = 421
 MAX_RULES: Final = 1024
@@ -63,7 +64,7 @@ MAX_BODY: Final = 16 * 1024
 NAME_ATTRIBUTES: Final = frozenset({"CN", "O", "OU", "C", "L", "ST", "DC", "SERIALNUMBER", "EMAILADDRESS", "UID"})
 _OID: Final = re.compile(r"[0-2](?:\.(?:0|[1-9][0-9]*))+\Z")
 _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]{1,128}\Z")
-_ID: Final = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,126}[\x21-\x7e])?\Z")
+_ID: Final = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,62}[\x21-\x7e])?\Z")
 _PRINTABLE: Final = re.compile(r"[\x20-\x7e]*\Z")
 # Headers the plugin must never be told to delete or forge: framing and routing belong to nginx.
 _RESERVED_HEADERS: Final = frozenset(
@@ -226,6 +227,11 @@ def _list(value: object, path: str, item: Callable[[object, str], _T], *, unique
     return out
 
 
+def _opt(m: Mapping[str, object], path: str, key: str, read: Callable[[object, str], _T], default: _D) -> _T | _D:
+    """``read`` the optional ``key`` of ``m`` (with its key path), or ``default`` when absent."""
+    return read(m[key], join_path(path, key)) if key in m else default
+
+
 def _parsed(parse: Callable[[str], _T], max_len: int = 512) -> Callable[[object, str], _T]:
     """Adapt a matchers.parse_* function (ValueError) into an item reader (PolicyError with path)."""
 
@@ -289,21 +295,14 @@ def _exempt(value: object, path: str) -> tuple[ExemptRule, ...]:
             raise PolicyError(at, "needs at least one of path, methods, hosts")
         rule_id = f"exempt[{index}]"
         if "id" in m:
-            rule_id = _str(m["id"], join_path(at, "id"), max_len=128)
+            rule_id = _str(m["id"], join_path(at, "id"), max_len=64)
             if not _ID.match(rule_id):
                 raise PolicyError(join_path(at, "id"), "must not start or end with a space")
         if any(r.id == rule_id for r in rules):
             raise PolicyError(join_path(at, "id"), f"duplicate rule id {rule_id!r}")
-        methods = _list(m["methods"], join_path(at, "methods"), _method) if "methods" in m else None
-        hosts = _list(m["hosts"], join_path(at, "hosts"), _parsed(parse_host_pattern)) if "hosts" in m else None
-        rules.append(
-            ExemptRule(
-                id=rule_id,
-                path=_regex(m["path"], join_path(at, "path")) if "path" in m else None,
-                methods=frozenset(methods) if methods is not None else None,
-                hosts=hosts,
-            )
-        )
+        methods = _opt(m, at, "methods", lambda v, p: frozenset(_list(v, p, _method)), None)
+        hosts = _opt(m, at, "hosts", lambda v, p: _list(v, p, _parsed(parse_host_pattern)), None)
+        rules.append(ExemptRule(rule_id, _opt(m, at, "path", _regex, None), methods, hosts))
     return tuple(rules)
 
 
@@ -334,19 +333,18 @@ def _require(value: object, path: str) -> Requirements:
         if not s:
             raise PolicyError(san_path, "needs at least one of dns, uri, email")
         san = SanRequirement(
-            dns=_list(s["dns"], join_path(san_path, "dns"), _parsed(parse_dns_pattern)) if "dns" in s else (),
-            uri=_list(s["uri"], join_path(san_path, "uri"), _parsed(parse_uri_pattern, 2048)) if "uri" in s else (),
-            email=_list(s["email"], join_path(san_path, "email"), _parsed(parse_email_pattern)) if "email" in s else (),
+            dns=_opt(s, san_path, "dns", lambda v, p: _list(v, p, _parsed(parse_dns_pattern)), ()),
+            uri=_opt(s, san_path, "uri", lambda v, p: _list(v, p, _parsed(parse_uri_pattern, 2048)), ()),
+            email=_opt(s, san_path, "email", lambda v, p: _list(v, p, _parsed(parse_email_pattern)), ()),
         )
-    fp_path = join_path(path, "fingerprint_sha256")
     return Requirements(
         san=san,
-        subject=_name_requirement(m["subject"], join_path(path, "subject")) if "subject" in m else None,
-        issuer=_name_requirement(m["issuer"], join_path(path, "issuer")) if "issuer" in m else None,
-        fingerprints=frozenset(_list(m["fingerprint_sha256"], fp_path, _parsed(normalize_fingerprint)))
-        if "fingerprint_sha256" in m
-        else None,
-        ca=_trust_bundle(m["ca"], join_path(path, "ca")) if "ca" in m else None,
+        subject=_opt(m, path, "subject", _name_requirement, None),
+        issuer=_opt(m, path, "issuer", _name_requirement, None),
+        fingerprints=_opt(
+            m, path, "fingerprint_sha256", lambda v, p: frozenset(_list(v, p, _parsed(normalize_fingerprint))), None
+        ),
+        ca=_opt(m, path, "ca", _trust_bundle, None),
     )
 
 
@@ -361,16 +359,8 @@ def _reject(value: object, path: str) -> Reject:
     body = m.get("body", default.body)
     if not isinstance(body, str) or len(body) > MAX_BODY:
         raise PolicyError(join_path(path, "body"), f"must be a string of at most {MAX_BODY} characters")
-    return Reject(
-        status=status,
-        body=body,
-        content_type=_str(m["content_type"], join_path(path, "content_type"))
-        if "content_type" in m
-        else default.content_type,
-        expose_reason=_bool(m["expose_reason"], join_path(path, "expose_reason"))
-        if "expose_reason" in m
-        else default.expose_reason,
-    )
+    content_type = _opt(m, path, "content_type", _str, default.content_type)
+    return Reject(status, body, content_type, _opt(m, path, "expose_reason", _bool, default.expose_reason))
 
 
 def _network(value: object, path: str) -> IPNetwork:
@@ -401,7 +391,7 @@ def _source(value: object, path: str) -> ApisixSource | HeaderSource:
         if fmt is ForwardedFormat.XFCC:
             raise PolicyError(join_path(path, "chain_header"), "xfcc carries the chain in the header itself")
         chain_header = _header_name(m["chain_header"], join_path(path, "chain_header"))
-    header = _header_name(m["header"], join_path(path, "header")) if "header" in m else _DEFAULT_HEADERS[fmt]
+    header = _opt(m, path, "header", _header_name, _DEFAULT_HEADERS[fmt])
     if header == chain_header:
         raise PolicyError(join_path(path, "chain_header"), "must differ from header")
     return HeaderSource(
@@ -439,14 +429,12 @@ def parse_policy(value: object, path: str = "", *, name: str | None = None) -> P
         raise PolicyError(join_path(path, "mode"), 'must be "enforce" or "report"')
     return PolicyConfig(
         mode=Mode(mode),
-        exempt=_exempt(m["exempt"], join_path(path, "exempt")) if "exempt" in m else (),
-        require=_require(m["require"], join_path(path, "require")) if "require" in m else Requirements(),
-        require_sni_match=_bool(m["require_sni_match"], join_path(path, "require_sni_match"))
-        if "require_sni_match" in m
-        else True,
-        reject=_reject(m["reject"], join_path(path, "reject")) if "reject" in m else Reject(),
-        source=_source(m["source"], join_path(path, "source")) if "source" in m else ApisixSource(),
-        forward=_forward(m["forward"], join_path(path, "forward")) if "forward" in m else Forward(),
+        exempt=_opt(m, path, "exempt", _exempt, ()),
+        require=_opt(m, path, "require", _require, Requirements()),
+        require_sni_match=_opt(m, path, "require_sni_match", _bool, True),
+        reject=_opt(m, path, "reject", _reject, Reject()),
+        source=_opt(m, path, "source", _source, ApisixSource()),
+        forward=_opt(m, path, "forward", _forward, Forward()),
         name=name,
     )
 
