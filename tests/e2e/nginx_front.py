@@ -7,10 +7,10 @@ Three listeners on 127.0.0.1, ephemeral ports:
            (tolerant mode): a missing, invalid or expired certificate never fails the handshake, it
            reaches the request as ``$ssl_client_verify`` = ``NONE`` / ``FAILED:<reason>``.
 ``http``   Plain HTTP, same routes (APISIX's port 9080).
-``front``  A *front proxy* in front of the plain listener: terminates TLS with
-           ``ssl_verify_client optional_no_ca`` (it forwards whatever certificate it got, verified or
-           not) and passes the leaf as ``X-Client-Cert: $ssl_client_escaped_cert`` and as an XFCC
-           element, plus the ``X-SSL-Client-Verify`` header that the plugin must ignore.
+``front``  A *front proxy* in front of the plain listener: terminates TLS in the same tolerant
+           mode (so it forwards whatever certificate it got, verified or not) and passes the leaf as
+           ``X-Client-Cert: $ssl_client_escaped_cert`` and as an XFCC element, plus the
+           ``X-SSL-Client-Verify`` header that the plugin must ignore.
 
 The ``https`` and ``http`` listeners proxy everything to the bridge after a Lua step that deletes any
 client-sent ``X-E2E-*`` header and exports the nginx variables as ``X-E2E-Var-<name>: =<escaped>``.
@@ -134,7 +134,15 @@ http {
         ssl_certificate @SERVER_CERT@;
         ssl_certificate_key @SERVER_KEY@;
         ssl_session_tickets off;
-        ssl_verify_client optional_no_ca;
+        # Tolerant like the main listener (ssl_verify_client optional_no_ca would still refuse an expired
+        # certificate with 400): this proxy forwards every certificate it got, so the plugin must re-verify.
+        ssl_certificate_by_lua_block {
+            local ok, err = require("ngx.ssl").verify_client(E2E_CLIENT_CA, @DEPTH@)
+            if not ok then
+                ngx.log(ngx.ERR, "verify_client failed: ", err)
+                return ngx.exit(ngx.ERROR)
+            end
+        }
         location / {
             proxy_pass http://127.0.0.1:@HTTP_PORT@;
             proxy_http_version 1.1;
