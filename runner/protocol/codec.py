@@ -1,11 +1,28 @@
-"""CONTRACT STUB — to be implemented (see the helper brief). Signatures are fixed; bodies are not.
+"""Sans-IO codec for APISIX's ext-plugin protocol: bytes <-> typed messages.
 
-Sans-IO codec: bytes <-> typed messages. No socket/asyncio imports in runner.protocol.
+No I/O here: :class:`FrameDecoder` splits a byte stream into frames, ``decode_*`` turn payloads
+into messages, and ``*_frame`` encoders return whole frames ready to write. Both sides of the
+conversation are covered so tests and benchmarks can play APISIX.
+
+Decoding is strict: any malformed payload raises :class:`DecodeError` (never ``IndexError``,
+``struct.error`` or ``UnicodeDecodeError``). HTTP text (path, header and arg names and values)
+is decoded from UTF-8 with ``errors="surrogateescape"``: clients can send bytes that are not
+UTF-8, and this keeps them intact — encoding with the same handler gives the original bytes
+back. Text the runner interprets (conf entries, PrepareConf key, var names) must be UTF-8.
 """
 
 from __future__ import annotations
 
+import struct
+from enum import Enum
+from functools import partial
+from typing import Final
+
+from . import _flat
+from ._flat import DecodeError, FrameTooLarge
 from .messages import (
+    MAX_PAYLOAD,
+    METHOD_NAMES,
     ConfEntry,
     ErrCode,
     ExtraInfoQuery,
@@ -14,64 +31,433 @@ from .messages import (
     HTTPRespCallReply,
     Pairs,
     PrepareConfRequest,
+    ReqBodyQuery,
+    RespBodyQuery,
+    Rewrite,
     RPCType,
+    Stop,
+    VarQuery,
 )
 
+__all__ = [
+    "DecodeError",
+    "FrameDecoder",
+    "FrameTooLarge",
+    "HTTPReqCall",
+    "HTTPRespCall",
+    "decode_error",
+    "decode_extra_info_query",
+    "decode_extra_info_result",
+    "decode_http_req_call",
+    "decode_http_req_call_reply",
+    "decode_http_resp_call",
+    "decode_http_resp_call_reply",
+    "decode_prepare_conf",
+    "decode_prepare_conf_reply",
+    "encode_frame",
+    "error_frame",
+    "extra_info_query_frame",
+    "extra_info_result_frame",
+    "http_req_call_frame",
+    "http_req_call_reply_frame",
+    "http_resp_call_frame",
+    "http_resp_call_reply_frame",
+    "prepare_conf_reply_frame",
+    "prepare_conf_request_frame",
+]
 
-class DecodeError(ValueError):
-    """The peer sent bytes that are not a valid message (maps to Err BAD_REQUEST / closing)."""
+_HEADER: Final = struct.Struct(">I")
+_U32: Final = struct.Struct("<I").unpack_from
+_U16: Final = struct.Struct("<H").unpack_from
+_PACK_U32: Final = struct.Struct("<I").pack
+# Below this many consumed bytes a partly-read buffer is not worth moving.
+_COMPACT_AT: Final = 1 << 16
 
 
-class FrameTooLarge(DecodeError):
-    """A frame announced (or an encoder was asked for) more than the allowed payload size."""
+# --- framing ---------------------------------------------------------------------------------
 
 
 class FrameDecoder:
-    """Incremental frame splitter: feed() any chunks, next_frame() returns whole frames or None."""
+    """Incremental frame splitter: feed() any chunks, next_frame() returns whole frames or None.
 
-    def __init__(self, max_payload: int = ...) -> None: ...
-    def feed(self, data: bytes) -> None: ...
-    def next_frame(self) -> Frame | None: ...
+    A header announcing an empty or oversized payload raises as soon as its 4 bytes are seen,
+    without waiting for the body. After an error every further call raises again.
+    """
+
+    __slots__ = ("_buf", "_error", "_max", "_pos")
+
+    def __init__(self, max_payload: int = MAX_PAYLOAD) -> None:
+        if not 1 <= max_payload <= MAX_PAYLOAD:
+            raise ValueError(f"max_payload must be in 1..{MAX_PAYLOAD}")
+        self._max = max_payload
+        self._buf = bytearray()
+        self._pos = 0
+        self._error: DecodeError | None = None
+
+    def feed(self, data: bytes) -> None:
+        if self._error is not None:
+            self._fail_again()
+        self._buf += data
+
+    def next_frame(self) -> Frame | None:
+        if self._error is not None:
+            self._fail_again()
+        buf, pos = self._buf, self._pos
+        if len(buf) - pos < 4:
+            return None
+        head = _HEADER.unpack_from(buf, pos)[0]
+        size = head & 0xFFFFFF
+        if size == 0 or size > self._max:
+            err = FrameTooLarge if size else DecodeError
+            self._error = err(f"frame announces a payload of {size} bytes (allowed 1..{self._max})")
+            raise self._error
+        end = pos + 4 + size
+        if end > len(buf):
+            return None
+        with memoryview(buf) as view:
+            payload = bytes(view[pos + 4 : end])
+        if end == len(buf):
+            buf.clear()
+            self._pos = 0
+        elif end >= _COMPACT_AT and 2 * end >= len(buf):
+            # Moving the tail is cheaper than what was consumed, so compaction stays linear.
+            del buf[:end]
+            self._pos = 0
+        else:
+            self._pos = end
+        return Frame(head >> 24, payload)
+
     @property
-    def buffered(self) -> int: ...
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a frame."""
+        return len(self._buf) - self._pos
+
+    def _fail_again(self) -> None:
+        assert self._error is not None
+        raise type(self._error)(f"decoder is unusable after an earlier error: {self._error}")
 
 
-def encode_frame(rpc_type: int, payload: bytes) -> bytes: ...
+def encode_frame(rpc_type: int, payload: bytes) -> bytes:
+    """Prefix ``payload`` with its frame header (mostly for tests; encoders below return frames)."""
+    if not 0 <= rpc_type <= 255:
+        raise ValueError(f"frame type {rpc_type} is outside 0..255")
+    size = len(payload)
+    if size > MAX_PAYLOAD:
+        raise FrameTooLarge(f"payload of {size} bytes exceeds {MAX_PAYLOAD}")
+    if not size:
+        raise ValueError("APISIX cannot handle an empty payload")
+    return _HEADER.pack(rpc_type << 24 | size) + payload
 
 
-class HTTPReqCall:
-    """Lazy read-only view of A6.HTTPReqCall.Req."""
-
-    id: int
-    conf_token: int
-    method: int  # Method value; 0 (GET) when absent
-    path: str | None
-    src_ip: bytes | None
-    headers: Pairs
-    args: Pairs
+# --- lazy request views ------------------------------------------------------------------------
 
 
-class HTTPRespCall:
-    id: int
-    status: int
-    headers: Pairs
-    conf_token: int
+class _Unset(Enum):
+    UNSET = 0
 
 
-# runner side
-def decode_prepare_conf(payload: bytes) -> PrepareConfRequest: ...
-def decode_http_req_call(payload: bytes) -> HTTPReqCall: ...
-def decode_http_resp_call(payload: bytes) -> HTTPRespCall: ...
-def decode_extra_info_result(payload: bytes) -> bytes | None: ...
-def prepare_conf_reply_frame(token: int) -> bytes: ...
-def error_frame(code: ErrCode) -> bytes: ...
-def http_req_call_reply_frame(reply: HTTPReqCallReply) -> bytes: ...
-def http_resp_call_reply_frame(reply: HTTPRespCallReply) -> bytes: ...
-def extra_info_query_frame(query: ExtraInfoQuery) -> bytes: ...
+_UNSET: Final = _Unset.UNSET
+_REQ_CALL: Final = (4, 4, 1, 4, 4, 4, 4)  # id, src_ip, method, path, args, headers, conf_token
+_RESP_CALL: Final = (4, 2, 4, 4)  # id, status, headers, conf_token
 
 
-# APISIX side (runner.testing, bench)
-def prepare_conf_request_frame(entries: tuple[ConfEntry, ...], key: str | None = None) -> bytes: ...
+class _CallView:
+    """What both call views share: the buffer, the root's fields, id, conf_token and headers."""
+
+    __slots__ = ("_buf", "_conf_token", "_fields", "_headers", "_id")
+    _HEADERS_SLOT = 0
+
+    def __init__(self, buf: bytes, fields: list[int], id_slot: int, token_slot: int) -> None:
+        self._buf = buf
+        self._fields = fields
+        self._id: int = _U32(buf, fields[id_slot])[0] if fields[id_slot] else 0
+        self._conf_token: int = _U32(buf, fields[token_slot])[0] if fields[token_slot] else 0
+        self._headers: Pairs | None = None
+
+    @property
+    def id(self) -> int:
+        return self._id
+
+    @property
+    def conf_token(self) -> int:
+        return self._conf_token
+
+    @property
+    def headers(self) -> Pairs:
+        """Headers in APISIX's order: lower-cased for requests, original case for responses."""
+        if self._headers is None:
+            f = self._fields[self._HEADERS_SLOT]
+            self._headers = _flat.text_entries(self._buf, f) if f else ()
+        return self._headers
+
+    def header(self, name: str) -> str | None:
+        """First value of header ``name`` (ASCII case-insensitive), or None if absent or valueless.
+
+        Scans the raw names without decoding the whole list, which is several times cheaper
+        than :attr:`headers` when a plugin needs only a header or two.
+        """
+        f = self._fields[self._HEADERS_SLOT]
+        try:
+            wanted = name.encode("utf-8", "surrogateescape").lower()
+        except UnicodeEncodeError:
+            return None  # decoded names never hold such surrogates, so nothing can match
+        return _flat.find_entry(self._buf, f, wanted) if f else None
+
+
+class HTTPReqCall(_CallView):
+    """Lazy read-only view of A6.HTTPReqCall.Req.
+
+    The constructor checks the root table, its vtable and the scalar fields; path, src_ip,
+    headers and args are decoded on first access (raising :class:`DecodeError` then if they are
+    malformed) and cached. Absent vectors read as ``()``, an absent path as ``None``.
+    """
+
+    __slots__ = ("_args", "_method", "_path", "_src_ip")
+    _HEADERS_SLOT = 5
+
+    def __init__(self, payload: bytes) -> None:
+        buf = payload if type(payload) is bytes else bytes(payload)
+        f = _flat.root(buf, _REQ_CALL)
+        super().__init__(buf, f, 0, 6)
+        self._method: int = buf[f[2]] if f[2] else 0
+        if self._method >= len(METHOD_NAMES):
+            raise DecodeError(f"unknown method {self._method}")
+        self._path: str | _Unset | None = _UNSET
+        self._src_ip: bytes | _Unset | None = _UNSET
+        self._args: Pairs | None = None
+
+    @property
+    def method(self) -> int:
+        """Method value; 0 (GET) when absent."""
+        return self._method
+
+    @property
+    def path(self) -> str | None:
+        if self._path is _UNSET:
+            f = self._fields[3]
+            self._path = _flat.string(self._buf, f) if f else None
+        return self._path
+
+    @property
+    def src_ip(self) -> bytes | None:
+        """``$binary_remote_addr``: 4 bytes for IPv4, 16 for IPv6."""
+        if self._src_ip is _UNSET:
+            f = self._fields[1]
+            self._src_ip = _flat.byte_vector(self._buf, f) if f else None
+        return self._src_ip
+
+    @property
+    def args(self) -> Pairs:
+        """Query args; a flag arg (``?debug``) has the value ``None``."""
+        if self._args is None:
+            f = self._fields[4]
+            self._args = _flat.text_entries(self._buf, f) if f else ()
+        return self._args
+
+    def __repr__(self) -> str:
+        try:
+            path = repr(self.path)
+        except DecodeError:
+            path = "<malformed>"
+        method = METHOD_NAMES[self._method]
+        return f"HTTPReqCall(id={self._id}, conf_token={self._conf_token}, method={method}, path={path})"
+
+
+class HTTPRespCall(_CallView):
+    """Lazy read-only view of A6.HTTPRespCall.Req (ext-plugin-post-resp); headers are decoded on use."""
+
+    __slots__ = ("_status",)
+    _HEADERS_SLOT = 2
+
+    def __init__(self, payload: bytes) -> None:
+        buf = payload if type(payload) is bytes else bytes(payload)
+        f = _flat.root(buf, _RESP_CALL)
+        super().__init__(buf, f, 0, 3)
+        self._status: int = _U16(buf, f[1])[0] if f[1] else 0
+
+    @property
+    def status(self) -> int:
+        """Upstream status code."""
+        return self._status
+
+    def __repr__(self) -> str:
+        return f"HTTPRespCall(id={self._id}, conf_token={self._conf_token}, status={self._status})"
+
+
+# --- shared helpers ----------------------------------------------------------------------------
+
+
+def _check(value: int, bits: int, what: str) -> int:
+    if not 0 <= value < 1 << bits:
+        raise ValueError(f"{what} {value} does not fit in uint{bits}")
+    return value
+
+
+def _valued(pairs: Pairs, what: str) -> tuple[tuple[str, str], ...]:
+    for _, value in pairs:
+        if value is None:
+            raise DecodeError(f"{what} entry without a value")
+    return pairs  # type: ignore[return-value]  # checked above: no None values
+
+
+def _entries(buf: bytes, field: int, errors: str = "surrogateescape") -> Pairs:
+    return _flat.text_entries(buf, field, errors) if field else ()
+
+
+def _frame(rpc_type: int, scalars: list[tuple[int, int, int]], refs: list[tuple[int, _flat.Child]]) -> bytes:
+    out = _flat.new_frame()
+    return _flat.finish(out, rpc_type, _flat.put_object(out, scalars, refs))
+
+
+# --- runner side: decode requests --------------------------------------------------------------
+
+
+def decode_prepare_conf(payload: bytes) -> PrepareConfRequest:
+    """Decode A6.PrepareConf.Req; conf names/values and key must be UTF-8, every entry needs a value."""
+    f = _flat.root(payload, (4, 4))  # conf, key
+    conf = _valued(_entries(payload, f[0], "strict"), "conf")
+    key = _flat.string(payload, f[1], "strict") if f[1] else None
+    return PrepareConfRequest(tuple(ConfEntry(name, value) for name, value in conf), key)
+
+
+def decode_http_req_call(payload: bytes) -> HTTPReqCall:
+    """Open a lazy view of A6.HTTPReqCall.Req (only the root table and scalars are checked now)."""
+    return HTTPReqCall(payload)
+
+
+def decode_http_resp_call(payload: bytes) -> HTTPRespCall:
+    """Open a lazy view of A6.HTTPRespCall.Req."""
+    return HTTPRespCall(payload)
+
+
+def decode_extra_info_result(payload: bytes) -> bytes | None:
+    """Decode A6.ExtraInfo.Resp: the raw result, or None when APISIX had none (unknown var, no body)."""
+    f = _flat.root(payload, (4,))  # result
+    return _flat.byte_vector(payload, f[0]) if f[0] else None
+
+
+# --- runner side: encode replies ---------------------------------------------------------------
+
+
+def _u32_reply_head(rpc_type: int) -> bytes:
+    # A table whose only field is one uint32: the value is the frame's last 4 bytes.
+    frame = _frame(rpc_type, [(0, 4, 0)], [])
+    assert len(frame) == 24
+    return frame[:-4]
+
+
+_CONF_REPLY_HEAD: Final = _u32_reply_head(RPCType.PREPARE_CONF)
+_REQ_REPLY_HEAD: Final = _u32_reply_head(RPCType.HTTP_REQ_CALL)
+_ERROR_FRAMES: Final = {code: _frame(RPCType.ERR, [(0, 1, code)], []) for code in ErrCode}
+_VAR_CACHE_SIZE: Final = 1024
+_var_frames: dict[str, bytes] = {}
+_INFO_VAR, _INFO_REQ_BODY, _INFO_RESP_BODY = 1, 2, 3  # 0 is NONE
+_ACTION_NONE, _ACTION_STOP, _ACTION_REWRITE = range(3)
+
+
+def prepare_conf_reply_frame(token: int) -> bytes:
+    """Frame of A6.PrepareConf.Resp carrying ``token`` (uint32)."""
+    return _CONF_REPLY_HEAD + _PACK_U32(_check(token, 32, "conf token"))
+
+
+def error_frame(code: ErrCode) -> bytes:
+    """Prebuilt type-0 frame of A6.Err.Resp for ``code``."""
+    try:
+        return _ERROR_FRAMES[code]
+    except KeyError:
+        raise ValueError(f"unknown error code {code!r}") from None
+
+
+def _put_stop(stop: Stop, out: bytearray) -> int:
+    scalars = [(0, 2, _check(stop.status, 16, "status"))] if stop.status else []
+    refs: list[tuple[int, _flat.Child]] = []
+    if stop.headers:
+        refs.append((1, stop.headers))
+    if stop.body:  # APISIX ignores an empty body ("TODO: support empty body")
+        refs.append((2, stop.body))
+    return _flat.put_object(out, scalars, refs)
+
+
+def _put_rewrite(rw: Rewrite, out: bytearray) -> int:
+    # None means "unchanged"; an empty path or body is written as given so it round-trips.
+    refs: list[tuple[int, _flat.Child]] = [] if rw.path is None else [(0, rw.path)]
+    refs += [(slot, pairs) for slot, pairs in ((1, rw.headers), (2, rw.args), (3, rw.resp_headers)) if pairs]
+    if rw.body is not None:
+        refs.append((4, rw.body))
+    return _flat.put_object(out, [], refs)
+
+
+def http_req_call_reply_frame(reply: HTTPReqCallReply) -> bytes:
+    """Frame of A6.HTTPReqCall.Resp; a Stop omits an empty body, a Rewrite writes only non-None/non-empty parts."""
+    rid = _check(reply.id, 32, "id")
+    action = reply.action
+    if action is None:
+        return _REQ_REPLY_HEAD + _PACK_U32(rid)
+    if isinstance(action, Stop):
+        kind, put = _ACTION_STOP, partial(_put_stop, action)
+    else:
+        kind, put = _ACTION_REWRITE, partial(_put_rewrite, action)
+    return _frame(RPCType.HTTP_REQ_CALL, [(0, 4, rid), (1, 1, kind)], [(2, put)])
+
+
+def http_resp_call_reply_frame(reply: HTTPRespCallReply) -> bytes:
+    """Frame of A6.HTTPRespCall.Resp; status 0 and empty headers are omitted, ``body=None`` too."""
+    scalars = [(0, 4, _check(reply.id, 32, "id"))]
+    if reply.status:
+        scalars.append((1, 2, _check(reply.status, 16, "status")))
+    refs: list[tuple[int, _flat.Child]] = []
+    if reply.headers:
+        refs.append((2, reply.headers))
+    if reply.body is not None:
+        refs.append((3, reply.body))
+    return _frame(RPCType.HTTP_RESP_CALL, scalars, refs)
+
+
+def _info_frame(kind: int, put: _flat.Child) -> bytes:
+    return _frame(RPCType.EXTRA_INFO, [(0, 1, kind)], [(1, put)])
+
+
+def _put_var(name: str, out: bytearray) -> int:
+    return _flat.put_object(out, [], [(0, name)])
+
+
+def _put_empty(out: bytearray) -> int:
+    return _flat.put_object(out, [], [])
+
+
+_BODY_QUERY_FRAMES: Final = {
+    ReqBodyQuery: _info_frame(_INFO_REQ_BODY, _put_empty),
+    RespBodyQuery: _info_frame(_INFO_RESP_BODY, _put_empty),
+}
+
+
+def extra_info_query_frame(query: ExtraInfoQuery) -> bytes:
+    """Frame of A6.ExtraInfo.Req; body queries are prebuilt and var queries cached by name."""
+    if isinstance(query, VarQuery):
+        frame = _var_frames.get(query.name)
+        if frame is None:
+            frame = _info_frame(_INFO_VAR, partial(_put_var, query.name))
+            # Var names come from plugin code, so the set is small; the bound only guards misuse.
+            if len(_var_frames) < _VAR_CACHE_SIZE:
+                _var_frames[query.name] = frame
+        return frame
+    frame = _BODY_QUERY_FRAMES.get(type(query))
+    if frame is None:
+        raise TypeError(f"not an ExtraInfo query: {query!r}")
+    return frame
+
+
+# --- APISIX side: encode requests --------------------------------------------------------------
+
+
+def prepare_conf_request_frame(entries: tuple[ConfEntry, ...], key: str | None = None) -> bytes:
+    """APISIX side: frame of A6.PrepareConf.Req (the conf vector is written even when empty)."""
+    refs: list[tuple[int, _flat.Child]] = [(0, tuple((e.name, e.value) for e in entries))]
+    if key is not None:
+        refs.append((1, key))
+    return _frame(RPCType.PREPARE_CONF, [], refs)
+
+
 def http_req_call_frame(
     *,
     id: int,
@@ -81,14 +467,103 @@ def http_req_call_frame(
     src_ip: bytes | None = None,
     headers: Pairs = (),
     args: Pairs = (),
-) -> bytes: ...
-def http_resp_call_frame(*, id: int, conf_token: int, status: int = 200, headers: Pairs = ()) -> bytes: ...
-def extra_info_result_frame(result: bytes | None) -> bytes: ...
-def decode_prepare_conf_reply(payload: bytes) -> int: ...
-def decode_error(payload: bytes) -> ErrCode: ...
-def decode_http_req_call_reply(payload: bytes) -> HTTPReqCallReply: ...
-def decode_http_resp_call_reply(payload: bytes) -> HTTPRespCallReply: ...
-def decode_extra_info_query(payload: bytes) -> ExtraInfoQuery: ...
+) -> bytes:
+    """APISIX side: frame of A6.HTTPReqCall.Req; ``None``/empty fields are omitted."""
+    scalars = [(0, 4, _check(id, 32, "id")), (6, 4, _check(conf_token, 32, "conf token"))]
+    if method:
+        scalars.append((2, 1, _check(method, 8, "method")))
+    refs: list[tuple[int, _flat.Child]] = [] if src_ip is None else [(1, src_ip)]
+    if path is not None:
+        refs.append((3, path))
+    refs += [(slot, pairs) for slot, pairs in ((4, args), (5, headers)) if pairs]
+    return _frame(RPCType.HTTP_REQ_CALL, scalars, refs)
 
 
-_ = RPCType
+def http_resp_call_frame(*, id: int, conf_token: int, status: int = 200, headers: Pairs = ()) -> bytes:
+    """APISIX side: frame of A6.HTTPRespCall.Req (type 4)."""
+    scalars = [(0, 4, _check(id, 32, "id")), (3, 4, _check(conf_token, 32, "conf token"))]
+    if status:
+        scalars.append((1, 2, _check(status, 16, "status")))
+    return _frame(RPCType.HTTP_RESP_CALL, scalars, [(2, headers)] if headers else [])
+
+
+def extra_info_result_frame(result: bytes | None) -> bytes:
+    """APISIX side: frame of A6.ExtraInfo.Resp; ``None`` writes no ``result`` field."""
+    return _frame(RPCType.EXTRA_INFO, [], [] if result is None else [(0, result)])
+
+
+# --- APISIX side: decode replies ---------------------------------------------------------------
+
+
+def decode_prepare_conf_reply(payload: bytes) -> int:
+    """APISIX side: the conf token of A6.PrepareConf.Resp."""
+    f = _flat.root(payload, (4,))  # conf_token
+    return _U32(payload, f[0])[0] if f[0] else 0
+
+
+def decode_error(payload: bytes) -> ErrCode:
+    """APISIX side: the code of A6.Err.Resp (absent means BAD_REQUEST)."""
+    f = _flat.root(payload, (1,))  # code
+    code = payload[f[0]] if f[0] else 0
+    try:
+        return ErrCode(code)
+    except ValueError:
+        raise DecodeError(f"unknown error code {code}") from None
+
+
+def _union(payload: bytes, type_field: int, value_field: int) -> int:
+    kind = payload[type_field] if type_field else 0
+    if kind and not value_field:
+        raise DecodeError(f"union of type {kind} without a value")
+    return kind
+
+
+def decode_http_req_call_reply(payload: bytes) -> HTTPReqCallReply:
+    """APISIX side: A6.HTTPReqCall.Resp; action NONE or an empty table gives ``action=None``."""
+    f = _flat.root(payload, (4, 1, 4))  # id, action_type, action
+    rid = _U32(payload, f[0])[0] if f[0] else 0
+    kind = _union(payload, f[1], f[2])
+    if kind == _ACTION_NONE:
+        return HTTPReqCallReply(rid)
+    if kind == _ACTION_STOP:
+        s = _flat.sub_table(payload, f[2], (2, 4, 4))  # status, headers, body
+        status = _U16(payload, s[0])[0] if s[0] else 0
+        body = _flat.byte_vector(payload, s[2]) if s[2] else b""
+        return HTTPReqCallReply(rid, Stop(status, _valued(_entries(payload, s[1]), "Stop header"), body))
+    if kind == _ACTION_REWRITE:
+        r = _flat.sub_table(payload, f[2], (4, 4, 4, 4, 4))  # path, headers, args, resp_headers, body
+        rewrite = Rewrite(
+            path=_flat.string(payload, r[0]) if r[0] else None,
+            headers=_entries(payload, r[1]),
+            args=_entries(payload, r[2]),
+            resp_headers=_valued(_entries(payload, r[3]), "resp header"),
+            body=_flat.byte_vector(payload, r[4]) if r[4] else None,
+        )
+        return HTTPReqCallReply(rid, rewrite)
+    raise DecodeError(f"unknown action type {kind}")
+
+
+def decode_http_resp_call_reply(payload: bytes) -> HTTPRespCallReply:
+    """APISIX side: A6.HTTPRespCall.Resp."""
+    f = _flat.root(payload, (4, 2, 4, 4))  # id, status, headers, body
+    return HTTPRespCallReply(
+        id=_U32(payload, f[0])[0] if f[0] else 0,
+        status=_U16(payload, f[1])[0] if f[1] else 0,
+        headers=_valued(_entries(payload, f[2]), "response header"),
+        body=_flat.byte_vector(payload, f[3]) if f[3] else None,
+    )
+
+
+def decode_extra_info_query(payload: bytes) -> ExtraInfoQuery:
+    """APISIX side: A6.ExtraInfo.Req; NONE or an unknown info type is a DecodeError."""
+    f = _flat.root(payload, (1, 4))  # info_type, info
+    kind = _union(payload, f[0], f[1])
+    if kind == _INFO_VAR:
+        v = _flat.sub_table(payload, f[1], (4,))  # name
+        if not v[0]:
+            raise DecodeError("Var without a name")
+        return VarQuery(_flat.string(payload, v[0], "strict"))
+    if kind in (_INFO_REQ_BODY, _INFO_RESP_BODY):
+        _flat.sub_table(payload, f[1], ())
+        return ReqBodyQuery() if kind == _INFO_REQ_BODY else RespBodyQuery()
+    raise DecodeError(f"unsupported info type {kind}")
