@@ -97,6 +97,8 @@ def run(
 
     async def main() -> int:
         endpoint = None
+        # Before binding: once the socket exists, SIGTERM must always end in a clean exit that removes it.
+        server.install_signal_handlers()
         try:
             await server.start()
             if endpoint_factory is not None:
@@ -104,10 +106,10 @@ def run(
                 await endpoint.start()
         except (StartupError, OSError) as exc:
             log.error("event=startup_failed reason=%r", str(exc))
+            server.remove_signal_handlers()
             if endpoint is not None:
                 await endpoint.close()
             return EXIT_STARTUP_FAILURE
-        server.install_signal_handlers()
         side = asyncio.ensure_future(extra(server)) if extra is not None else None
         try:
             await server.serve()

@@ -111,7 +111,8 @@ class RunnerServer:
         )
         self.connections: set[_Connection] = set()
         self._server: asyncio.AbstractServer | None = None
-        self._stopping: asyncio.Event | None = None
+        # Created here, not in start(): stop() from a signal handler installed before binding must stick.
+        self._stopping = asyncio.Event()
         self._all_closed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._socket_inode: int | None = None
@@ -123,7 +124,6 @@ class RunnerServer:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
-        self._stopping = asyncio.Event()
         self._all_closed = asyncio.Event()
         await self._listen()
         log.info("event=listening path=%s plugins=%s", self.settings.listen, ",".join(self.registry.names))
@@ -135,7 +135,7 @@ class RunnerServer:
 
     def ready(self) -> bool:
         """Listening, not shutting down, and our socket file is still at its path."""
-        if self._server is None or self._stopping is None or self._stopping.is_set():
+        if self._server is None or self._stopping.is_set():
             return False
         return self._socket_intact()
 
@@ -161,13 +161,11 @@ class RunnerServer:
             old.close()
 
     def stop(self) -> None:
-        """Ask the server to shut down (signal-safe: only sets an event)."""
-        if self._stopping is not None:
-            self._stopping.set()
+        """Ask the server to shut down (signal-safe: only sets an event); also works before start()."""
+        self._stopping.set()
 
     async def serve(self) -> None:
         """Serve until stop(), then drain and close; the socket file is removed in any case."""
-        assert self._stopping is not None
         sweeper = asyncio.create_task(self._sweep())
         try:
             await self._stopping.wait()
@@ -230,9 +228,10 @@ class RunnerServer:
                     self._close(conn)
 
     def install_signal_handlers(self) -> None:
+        """Call before start(): a SIGTERM arriving just after the bind then still exits cleanly."""
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.add_signal_handler(sig, self.stop)
+            asyncio.get_running_loop().add_signal_handler(sig, self.stop)
 
     def remove_signal_handlers(self) -> None:
         for sig in (signal.SIGTERM, signal.SIGINT):
-            self.loop.remove_signal_handler(sig)
+            asyncio.get_running_loop().remove_signal_handler(sig)

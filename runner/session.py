@@ -211,8 +211,8 @@ class Session:
             return
         try:
             frame = _reply_frame(call, result)
-        except (ValueError, TypeError) as exc:
-            self._fail(call, PluginFailure(f"plugin produced an invalid reply: {exc}"))
+        except Exception as exc:  # noqa: BLE001 - e.g. a non-str header value; must become an Err reply
+            self._fail(call, PluginFailure(f"plugin produced an invalid reply: {type(exc).__name__}: {exc}"))
             return
         self._call = None
         self._discard += sum(size - len(results) for _, results, size in self._outstanding)

@@ -173,8 +173,11 @@ class FakeApisix:
 
     # -- connections --------------------------------------------------------------------------
     async def _connect(self) -> _Conn:
-        if self._pool:
-            return self._pool.pop()
+        while self._pool:
+            conn = self._pool.pop()
+            if not (conn.reader.at_eof() or conn.writer.is_closing()):
+                return conn
+            conn.close()  # nginx's keepalive pool drops connections the runner closed (e.g. a restart)
         reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(self.path), 1.0)
         return _Conn(reader, writer)
 
