@@ -100,10 +100,11 @@ def run(
         # Before binding: once the socket exists, SIGTERM must always end in a clean exit that removes it.
         server.install_signal_handlers()
         try:
-            await server.start()
+            # The metrics port first: if it is taken, no APISIX socket is left behind.
             if endpoint_factory is not None:
                 endpoint = endpoint_factory(server)
                 await endpoint.start()
+            await server.start()
         except (StartupError, OSError) as exc:
             log.error("event=startup_failed reason=%r", str(exc))
             server.remove_signal_handlers()

@@ -233,6 +233,18 @@ class TestServing:
         assert "not a socket" in line
         assert sock_path in line
 
+    def test_busy_metrics_port_leaves_no_socket(self, spawn: Spawn, sock_path: str) -> None:
+        """If the opt-in metrics port is taken, start fails with exit 3 and no APISIX socket is left."""
+        with socket.socket(socket.AF_INET) as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            runner = spawn(apisix_env(sock_path), "--metrics-addr", f"127.0.0.1:{port}")
+
+            assert runner.wait() == EXIT_STARTUP_FAILURE
+        assert "startup_failed" in one_line(runner.stdout + runner.stderr)
+        assert not os.path.lexists(sock_path)
+
 
 class TestBadSettings:
     @pytest.mark.parametrize(
