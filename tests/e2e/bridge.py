@@ -19,6 +19,7 @@ import asyncio
 import contextlib
 import json
 import threading
+import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from urllib.parse import unquote_to_bytes
@@ -81,6 +82,7 @@ class BridgeRecord:
     tries: int
     error: str = ""
     vars: Mapping[str, str | None] = field(default_factory=dict)
+    at: float = field(default_factory=time.monotonic)  # when the bridge answered
 
 
 def apply_rewrite(headers: Pairs, rewrite: Rewrite | None) -> list[tuple[str, str]]:
