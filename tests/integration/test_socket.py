@@ -187,6 +187,42 @@ class TestSweeper:
         assert elapsed < 0.3 + 1.0
 
 
+class TestSocketFile:
+    def test_deleted_socket_is_rebound(self, serve: ServeFactory, sock_path: str) -> None:
+        """If the socket file is deleted (tmp cleaners), the runner listens again; old connections keep working."""
+
+        async def main() -> tuple[int, int, bool]:
+            async with serve() as server, FakeApisix(sock_path, pool_size=1) as pooled:
+                before = await pooled.request(conf(("stop", '{"status": 401}')))
+                os.unlink(sock_path)
+                assert not server.ready()
+                for _ in range(200):
+                    if server.ready():
+                        break
+                    await asyncio.sleep(0.01)
+                async with FakeApisix(sock_path) as fresh:
+                    new = await fresh.request(conf(("stop", '{"status": 402}')))
+                again = await pooled.request(conf(("stop", '{"status": 401}')))
+                assert (before.client_status, again.tries) == (401, 1)
+                return new.client_status or 0, again.client_status or 0, server.ready()
+
+        assert asyncio.run(main()) == (402, 401, True)
+        assert not os.path.lexists(sock_path)
+
+    def test_foreign_file_at_path_is_left_alone(self, serve: ServeFactory, sock_path: str) -> None:
+        """A regular file that replaced the socket is neither deleted nor bound over, even at shutdown."""
+
+        async def main() -> bool:
+            async with serve() as server:
+                os.unlink(sock_path)
+                Path(sock_path).write_text("mine")
+                await asyncio.sleep(0.6)  # two sweeps
+                return server.ready()
+
+        assert asyncio.run(main()) is False
+        assert Path(sock_path).read_text() == "mine"
+
+
 class TestShutdown:
     def test_stop_removes_socket_and_closes_idle(self, serve: ServeFactory, sock_path: str) -> None:
         """stop() unlinks the socket file and closes idle connections."""
