@@ -1,0 +1,340 @@
+"""Input of ``mtls-guard lint``: standalone ``apisix.yaml`` and Admin API exports -> one resource model.
+
+Accepted shapes, per file (YAML or JSON, told apart by extension, else by the first character):
+
+* standalone / combined export: ``{"routes": [...], "ssls": [...], ...}`` with plain objects, Admin API
+  items (``{"key": ..., "value": {...}}``) or a list response per resource;
+* an Admin API list response ``{"list": [{"key": "/apisix/routes/1", "value": {...}}], "total": n}``;
+* an Admin API single object ``{"key": ..., "value": {...}}`` and the 2.x ``{"node": {"nodes": [...]}}``;
+* a bare list of objects.
+
+Where an item's kind is not in the data (no ``key``), it comes from the file name (``routes.json``,
+``ssls-export.json``). Anything the loader cannot place is reported, never silently dropped: a lint
+that quietly checked nothing would look like a clean bill of health.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Hashable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Final
+
+import yaml
+
+from .lint_findings import Findings
+
+__all__ = ["CHECKED_KINDS", "Config", "InputError", "LoadedFile", "Resource", "load_files"]
+
+# Resources the checks read; the others are known APISIX resources that carry nothing mTLS-relevant here.
+CHECKED_KINDS: Final = ("routes", "services", "ssls", "global_rules", "plugin_configs")
+OTHER_KINDS: Final = frozenset(
+    {"upstreams", "consumers", "consumer_groups", "plugin_metadata", "stream_routes", "protos", "secrets", "plugins"}
+)
+_ALL_KINDS: Final = (*CHECKED_KINDS, *sorted(OTHER_KINDS))
+_ADMIN_ITEM_KEYS: Final = frozenset({"key", "value", "createdIndex", "modifiedIndex", "create_time", "update_time"})
+_KEY_RE: Final = re.compile(r"/apisix/([a-z_]+)(?:/([^/]+))?/?\Z")
+MAX_FILE_BYTES: Final = 32 << 20
+
+
+class InputError(Exception):
+    """A file cannot be read or parsed at all (exit code 2)."""
+
+
+@dataclass(frozen=True, slots=True)
+class Resource:
+    kind: str
+    id: str
+    value: Mapping[str, Any]
+    source: str
+    line: int | None = None
+
+    @property
+    def label(self) -> str:
+        return f"{self.kind}/{self.id}"
+
+
+@dataclass(slots=True)
+class LoadedFile:
+    path: str
+    format: str  # "yaml" | "json"
+    shape: str  # "standalone", "admin-list", "admin-object", "admin-v2", "list", "unrecognised"
+    resources: int = 0
+
+
+@dataclass(slots=True)
+class Config:
+    resources: dict[str, list[Resource]] = field(default_factory=lambda: {k: [] for k in CHECKED_KINDS})
+    files: list[LoadedFile] = field(default_factory=list)
+
+    def of(self, kind: str) -> list[Resource]:
+        return self.resources[kind]
+
+    def get(self, kind: str, ident: object) -> Resource | None:
+        wanted = str(ident)
+        return next((r for r in self.resources[kind] if r.id == wanted), None)
+
+
+# -- parsing -----------------------------------------------------------------------------------------
+
+
+class _LocatedDict(dict[Any, Any]):
+    """A mapping that remembers the YAML line it started on, so findings can point into the file."""
+
+    line: int | None = None
+
+
+class _Loader(yaml.SafeLoader):
+    """SafeLoader recording duplicate keys (lint reports them) and the line of every mapping."""
+
+    def __init__(self, stream: str) -> None:
+        super().__init__(stream)
+        self.duplicates: list[tuple[str, int | None]] = []
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
+        seen: set[object] = set()
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=deep)
+            if isinstance(key, Hashable) and key in seen:
+                self.duplicates.append((f"duplicate key {key!r}", key_node.start_mark.line + 1))
+            seen.add(key)
+        return super().construct_mapping(node, deep=deep)
+
+
+def _construct_located_map(loader: _Loader, node: yaml.MappingNode) -> Iterator[_LocatedDict]:
+    # Two-step construction like PyYAML's own: the empty mapping is yielded first so recursive
+    # structures (anchors referring to themselves) resolve.
+    data = _LocatedDict()
+    data.line = node.start_mark.line + 1
+    yield data
+    data.update(loader.construct_mapping(node))
+
+
+_Loader.add_constructor("tag:yaml.org,2002:map", _construct_located_map)
+
+
+def _parse_yaml(text: str, path: str) -> tuple[object, list[tuple[str, int | None]]]:
+    loader = _Loader(text)
+    try:
+        return loader.get_single_data(), loader.duplicates
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
+        raise InputError(f"{path}: invalid YAML{where}: {problem}") from None
+    finally:
+        loader.dispose()
+
+
+def _parse_json(text: str, path: str) -> tuple[object, list[tuple[str, int | None]]]:
+    duplicates: list[tuple[str, int | None]] = []
+
+    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
+        out: dict[str, Any] = {}
+        for key, value in items:
+            if key in out:
+                duplicates.append((f"duplicate key {key!r}", None))
+            out[key] = value
+        return out
+
+    try:
+        return json.loads(text, object_pairs_hook=pairs), duplicates
+    except json.JSONDecodeError as exc:
+        raise InputError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
+
+
+def _read(path: str) -> str:
+    try:
+        p = Path(path)
+        if p.stat().st_size > MAX_FILE_BYTES:
+            raise InputError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
+        return p.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise InputError(f"{path}: no such file") from None
+    except IsADirectoryError:
+        raise InputError(f"{path}: is a directory") from None
+    except OSError as exc:
+        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise InputError(f"{path}: not UTF-8 text") from None
+
+
+def _format_of(path: str, text: str) -> str:
+    suffix = Path(path).suffix.lower()
+    if suffix == ".json":
+        return "json"
+    if suffix in (".yaml", ".yml"):
+        return "yaml"
+    return "json" if text.lstrip()[:1] in ("{", "[") else "yaml"
+
+
+def _kind_from_name(path: str) -> str | None:
+    """``routes.json``, ``ssl-prod.json``, ``global_rules.yaml`` -> kind; None if zero or several fit."""
+    stem = Path(path).stem.lower().replace("-", "_")
+    spans: list[tuple[int, int, str]] = []
+    for kind in _ALL_KINDS:
+        if kind == "plugins":  # a list of plugin names is not a resource export
+            continue
+        for name in (kind, kind[:-1]):
+            spans += [(m.start(), m.end(), kind) for m in re.finditer(rf"(?<![a-z]){name}(?![a-z])", stem)]
+    # "stream_routes" contains "routes", "plugin_configs" contains "plugin": the longer name wins.
+    kinds = {k for s, e, k in spans if not any(s2 <= s and e <= e2 and (s2, e2) != (s, e) for s2, e2, _ in spans)}
+    return kinds.pop() if len(kinds) == 1 else None
+
+
+# -- recognition -------------------------------------------------------------------------------------
+
+
+class _Recogniser:
+    def __init__(self, config: Config, findings: Findings, loaded: LoadedFile) -> None:
+        self.config = config
+        self.findings = findings
+        self.file = loaded
+        self.name_kind = _kind_from_name(loaded.path)
+
+    def note(self, code: str, obj: str, message: str, fix: str, line: int | None = None) -> None:
+        self.findings.add(code, obj, message, fix, source=self.file.path, line=line)
+
+    def top(self, data: object) -> None:
+        if isinstance(data, Mapping):
+            if isinstance(data.get("list"), list):
+                self.file.shape = "admin-list"
+                self.items(None, data["list"], "list")
+            elif isinstance(data.get("node"), Mapping):
+                self.file.shape = "admin-v2"
+                node = data["node"]
+                self.items(None, node["nodes"] if isinstance(node.get("nodes"), list) else [node], "node")
+            elif isinstance(data.get("value"), Mapping) and isinstance(data.get("key"), str):
+                self.file.shape = "admin-object"
+                self.items(None, [data], "")
+            else:
+                self.collections(data)
+        elif isinstance(data, list):
+            self.file.shape = "list"
+            self.items(None, data, "")
+
+    def collections(self, data: Mapping[Any, Any]) -> None:
+        self.file.shape = "standalone"
+        for key, value in data.items():
+            if key in CHECKED_KINDS:
+                items = value
+                if isinstance(value, Mapping) and isinstance(value.get("list"), list):
+                    items = value["list"]  # a list response stored under its resource name
+                if items is None:
+                    continue
+                if not isinstance(items, list):
+                    self.note("MG004", f"{key}", f"'{key}' must be a list of objects", "make it a YAML/JSON list")
+                    continue
+                self.items(key, items, key)
+            elif key in OTHER_KINDS or (isinstance(key, str) and key.endswith("_conf_version")):
+                continue
+            else:
+                self.note(
+                    "MG002",
+                    self.file.path,
+                    f"unknown top-level key {key!r} (ignored)",
+                    f"expected resource lists: {', '.join(_ALL_KINDS)}",
+                    getattr(data, "line", None),
+                )
+
+    def items(self, kind: str | None, items: Sequence[object], where: str) -> None:
+        unplaced = 0
+        for index, item in enumerate(items):
+            at = f"{where}[{index}]" if where else f"item {index}"
+            value, item_kind, key_id = item, kind, None
+            if isinstance(item, Mapping) and isinstance(item.get("value"), Mapping) and set(item) <= _ADMIN_ITEM_KEYS:
+                value = item["value"]
+                match = _KEY_RE.match(item["key"]) if isinstance(item.get("key"), str) else None
+                if match is not None:
+                    item_kind, key_id = item_kind or match.group(1), match.group(2)
+            item_kind = item_kind or self.name_kind
+            if item_kind is None:
+                unplaced += 1
+                continue
+            if item_kind in OTHER_KINDS:
+                continue
+            line = getattr(value, "line", None) or getattr(item, "line", None)
+            ident = value.get("id", key_id) if isinstance(value, Mapping) else None
+            # APISIX's standalone loader names id-less items "<kind>#<1-based index>".
+            ident_text = str(ident) if ident is not None else f"#{index + 1}"
+            if not isinstance(value, Mapping):
+                self.note("MG004", f"{item_kind}/{ident_text}", f"{at} is not an object", "remove it or fix it", line)
+                continue
+            self.add(Resource(item_kind, ident_text, value, self.file.path, line))
+        if unplaced:
+            self.note(
+                "MG002",
+                self.file.path,
+                f"{unplaced} object(s) of unknown kind: they carry no Admin API 'key' and the file name "
+                "names no resource",
+                "name the file after its resource (routes.json, ssls.json, ...) or export with the Admin API keys",
+            )
+
+    def add(self, resource: Resource) -> None:
+        twin = self.config.get(resource.kind, resource.id)
+        if twin is not None:
+            self.note(
+                "MG005",
+                resource.label,
+                f"defined twice ({twin.source} and {resource.source}); APISIX keeps only one of them",
+                "give every object a unique id",
+                resource.line,
+            )
+        self.config.resources[resource.kind].append(resource)
+        self.file.resources += 1
+
+
+_SHAPES_FIX: Final = (
+    "give an apisix.yaml with top-level routes/ssls/..., or an Admin API export ({'list': [{'value': ...}]})"
+)
+
+
+def _end_flag_present(text: str) -> bool:
+    # APISIX's standalone reader searches the last 10 bytes for "#END" and skips the whole file otherwise.
+    return "#END" in text.encode("utf-8")[-10:].decode("utf-8", "ignore")
+
+
+def load_files(paths: Sequence[str], findings: Findings) -> Config:
+    """Parse and merge every file; raises InputError for a file that cannot be read or parsed."""
+    config = Config()
+    for path in paths:
+        text = _read(path)
+        fmt = _format_of(path, text)
+        data, duplicates = _parse_yaml(text, path) if fmt == "yaml" else _parse_json(text, path)
+        loaded = LoadedFile(path, fmt, "unrecognised")
+        config.files.append(loaded)
+        for duplicate, line in duplicates:
+            message = f"{duplicate}: YAML/JSON readers disagree on which copy wins"
+            findings.add("MG004", path, message, "remove one copy", source=path, line=line)
+        before = sum(len(v) for v in config.resources.values())
+        recogniser = _Recogniser(config, findings, loaded)
+        recogniser.top(data)
+        known_other = isinstance(data, Mapping) and any(k in OTHER_KINDS for k in data)
+        recognised_any = sum(len(v) for v in config.resources.values()) > before or known_other
+        if not recognised_any and not _is_empty_collection(data):
+            loaded.shape = "unrecognised" if loaded.shape == "standalone" else loaded.shape
+            what = "empty" if data is None else f"a {type(data).__name__}" if not isinstance(data, list | dict) else ""
+            detail = f" (the document is {what})" if what else ""
+            findings.add("MG003", path, f"no APISIX resource recognised{detail}", _SHAPES_FIX, source=path)
+        if fmt == "yaml" and loaded.shape == "standalone" and not _end_flag_present(text):
+            findings.add(
+                "MG001",
+                path,
+                "does not end with '#END': APISIX's standalone mode ignores the file and keeps the old config",
+                "add a last line '#END'",
+                source=path,
+            )
+    return config
+
+
+def _is_empty_collection(data: object) -> bool:
+    """An explicitly empty export ({"list": [], "total": 0}, {"routes": []}, []) is recognised, not noise."""
+    if isinstance(data, list):
+        return not data
+    if isinstance(data, Mapping):
+        if isinstance(data.get("list"), list):
+            return not data["list"]
+        return bool(data) and all(k in CHECKED_KINDS and not data[k] for k in data)
+    return False
