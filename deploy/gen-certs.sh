@@ -67,6 +67,11 @@ render_standalone() {
   local dir="$1" target="$1/apisix.yaml"
   [ -f "$TEMPLATE" ] || { echo "gen-certs: no template at $TEMPLATE, skipping apisix.yaml" >&2; return 0; }
   awk -v dir="$dir" '
+    NR == 1 {
+      print "# Rendered by deploy/gen-certs.sh from deploy/standalone/apisix.yaml: edit the template and"
+      print "# re-run the script instead of editing this copy. Contains a private key: do not commit it."
+      print "#"
+    }
     /^[ ]*<<[A-Za-z0-9._-]+>>[ ]*$/ {
       indent = $0; sub(/<<.*$/, "", indent)
       name = $0; sub(/^[ ]*<</, "", name); sub(/>>[ ]*$/, "", name)
