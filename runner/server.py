@@ -9,6 +9,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import secrets
 import signal
 import socket
 import stat
@@ -27,6 +28,18 @@ log = logging.getLogger("mtls_guard.runner")
 
 # How often deadlines and idle connections are checked; cheaper than a timer per call.
 _SWEEP_INTERVAL = 0.25
+
+
+def random_first_token() -> int:
+    """Where this process starts numbering conf tokens.
+
+    APISIX workers may keep tokens from a previous runner process (a sidecar restart is not
+    announced to them). If every process numbered from 1, such a stale token would name another
+    route's config here — possibly a more permissive one. Starting at a random point makes the
+    old and new ranges overlap only with probability ~(tokens issued by both) / 2**32; a stale
+    token then gets CONF_TOKEN_NOT_FOUND and APISIX re-prepares.
+    """
+    return secrets.randbelow(0xFFFFFFFF) + 1
 
 
 class StartupError(RuntimeError):
@@ -101,7 +114,11 @@ class RunnerServer:
         self.settings = settings
         self.registry = registry
         self.store = ConfStore(
-            registry, ttl=settings.token_ttl, max_entries=settings.max_conf_entries, clock=time.monotonic
+            registry,
+            ttl=settings.token_ttl,
+            max_entries=settings.max_conf_entries,
+            clock=time.monotonic,
+            first_token=random_first_token(),
         )
         self.session_config = SessionConfig(
             store=self.store,

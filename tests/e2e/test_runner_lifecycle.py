@@ -15,11 +15,11 @@ import pytest
 
 from runner.testing import FakeApisix
 from tests.e2e.bridge import Route
-from tests.e2e.conftest import Stack, running_stack
 from tests.e2e.load import Hit, Load
 from tests.e2e.nginx_env import NginxEnv
 from tests.e2e.pki import Pki
 from tests.e2e.policies import enforce_policy, report_policy
+from tests.e2e.stack import Stack, running_stack
 
 pytestmark = [pytest.mark.e2e, pytest.mark.slow]
 
@@ -129,11 +129,6 @@ class TestRunnerSigterm:
 class TestStaleTokensAfterRestart:
     """Conf tokens cached by APISIX workers outlive a runner process; they must never alias another route."""
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason="runner bug: every runner process numbers conf tokens from 1, so a token cached before a restart "
-        "can name another route's conf in the new process (fail-open when that conf is more permissive)",
-    )
     def test_stale_token_never_selects_another_routes_policy(self, two_routes: Stack) -> None:
         """After a restart, worker 1's stale token for the enforcing route is refused, not resolved to report mode."""
         world = two_routes
