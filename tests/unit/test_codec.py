@@ -235,6 +235,12 @@ class TestHTTPReqCallReply:
             assert bool(stop[2]) is present
             assert codec.decode_http_req_call_reply(data).action == Stop(403, (), body)
 
+    def test_rewrite_empty_body_and_path_kept(self) -> None:
+        """A Rewrite's empty path or body is written, unlike None, so it round-trips."""
+        for action in (Rewrite(path="", body=b""), Rewrite()):
+            data = payload(codec.http_req_call_reply_frame(HTTPReqCallReply(2, action)), 2)
+            assert codec.decode_http_req_call_reply(data).action == action
+
     def test_rewrite_deletes(self) -> None:
         """Header and arg deletes are TextEntries without a value."""
         action = Rewrite(headers=(("x-drop", None), ("x-set", "1")), args=(("a", None),))
@@ -347,6 +353,13 @@ class TestExtraInfo:
         """Asking twice for the same variable reuses the encoded frame."""
         first = codec.extra_info_query_frame(VarQuery("ssl_client_s_dn"))
         assert codec.extra_info_query_frame(VarQuery("ssl_client_s_dn")) is first
+
+    def test_var_cache_is_bounded(self) -> None:
+        """Endless distinct variable names do not grow the frame cache past its bound."""
+        for i in range(codec._VAR_CACHE_SIZE + 10):
+            query = VarQuery(f"var_{i}")
+            assert codec.decode_extra_info_query(payload(codec.extra_info_query_frame(query), 3)) == query
+        assert len(codec._var_frames) <= codec._VAR_CACHE_SIZE
 
     @pytest.mark.parametrize("result", [None, b"", b"value", bytes(range(256)) * 100])
     def test_result_round_trip(self, result: bytes | None) -> None:
@@ -486,6 +499,14 @@ class TestMalformedInput:
             broken = data[:end] + b"!" + data[end + 1 :]
             with pytest.raises(DecodeError, match="truncated string"):
                 _full_req(broken)
+
+    def test_entry_without_name(self) -> None:
+        """A TextEntry whose vtable has no name slot is a DecodeError."""
+        data = bytearray(VALID[1])
+        vtable = data.index(bytes.fromhex("08000c0004000800"))  # _flat's shared name+value vtable
+        data[vtable + 4 : vtable + 6] = b"\x00\x00"
+        with pytest.raises(DecodeError, match="without a name"):
+            _full_req(bytes(data))
 
     def test_truncation_detected(self) -> None:
         """Cutting a request inside its strings is reported as DecodeError."""
