@@ -79,6 +79,22 @@ class TestTokens:
         assert (after.client_status, after.tries) == (403, 2)
         assert prepares == 2
 
+    def test_stale_token_never_selects_another_route(self, serve: ServeFactory, sock_path: str) -> None:
+        """After a restart a token cached by one worker must not name a route another worker prepared."""
+        enforcing, permissive = "route#1#ext-plugin-pre-req#1", "route#2#ext-plugin-pre-req#1"
+
+        async def main() -> tuple[ApisixOutcome, ApisixOutcome]:
+            async with FakeApisix(sock_path) as worker1:
+                async with serve():
+                    await worker1.request(STOP_403, key=enforcing)
+                async with serve(), FakeApisix(sock_path) as worker2:
+                    passed = await worker2.request(conf(), key=permissive)  # the new runner's first token
+                    return passed, await worker1.request(STOP_403, key=enforcing)
+
+        passed, enforced = asyncio.run(main())
+        assert passed.kind == "pass"
+        assert (enforced.client_status, enforced.tries) == (403, 2)
+
     def test_invalid_conf_is_503(self, serve: ServeFactory, sock_path: str) -> None:
         """A route whose conf the plugin rejects answers 503: PrepareConf fails, nothing passes."""
 
