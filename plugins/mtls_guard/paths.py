@@ -3,9 +3,10 @@
 The runner hands us APISIX's normalised ``$uri`` (already percent-decoded, dot segments resolved, slashes
 merged) or, after a rewrite by an earlier plugin, a raw ``upstream_uri`` that may still carry encodings.
 We cannot tell which, and the upstream may interpret the path differently from nginx (servlet ``;``
-parameters, backslashes, double decoding, ...). Exemptions are the only thing a path can buy, so every
-form that two parsers could read differently is declared AMBIGUOUS: such a path is never exempt and
-always goes through the certificate checks (fail closed). Only an unambiguous path is decoded and matched.
+parameters, backslashes, double decoding, NFKC or "best-fit" folding of look-alike characters, ...).
+Exemptions are the only thing a path can buy, so every form that two parsers could read differently is
+declared AMBIGUOUS: such a path is never exempt and always goes through the certificate checks (fail
+closed). Only an unambiguous path is decoded and matched.
 """
 
 from __future__ import annotations
@@ -84,14 +85,15 @@ def canonicalize(raw: str | None) -> CanonicalPath:
         return _ambiguous(raw, "not-absolute")
     if _RAW_AMBIGUOUS.search(raw) is not None:
         return _ambiguous(raw, "raw-ambiguous")
-    try:
-        # Lone surrogates come from bytes that were not valid UTF-8 (surrogateescape decoding).
-        raw.encode("utf-8", "strict")
-    except UnicodeEncodeError:
-        return _ambiguous(raw, "invalid-utf8")
-    if "%" not in raw:
-        if not raw.isascii() and _unicode_ambiguous(raw):
+    if not raw.isascii():
+        try:
+            # Lone surrogates come from bytes that were not valid UTF-8 (surrogateescape decoding).
+            raw.encode("utf-8", "strict")
+        except UnicodeEncodeError:
+            return _ambiguous(raw, "invalid-utf8")
+        if "%" not in raw and _unicode_ambiguous(raw):
             return _ambiguous(raw, "unicode-ambiguous")
+    if "%" not in raw:
         return CanonicalPath(raw, False)
     if _BAD_ESCAPE.search(raw) is not None:
         return _ambiguous(raw, "bad-escape")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -579,6 +580,25 @@ class TestVariableProtocol:
         hit = policy.decide(RequestInput("GET", "/" + "a" * 8190 + "b"), None, now=NOW, cache=CertificateCache())
         assert isinstance(hit, Decision)
         assert hit.detail == "exempt[1]"
+
+
+class _AlwaysMatchingSet:
+    """Stands in for an RE2 Set that wrongly reports every pattern as matching."""
+
+    def __init__(self, count: int) -> None:
+        self.count = count
+
+    def Match(self, text: bytes) -> list[int]:
+        return list(range(self.count))
+
+
+class TestExemptMatcherFailsClosed:
+    def test_set_false_positive_never_exempts(self) -> None:
+        """A Set hit is confirmed with the rule's own regex, so a wrong Set result cannot exempt."""
+        policy = compiled({"exempt": [{"id": "a", "path": "/a"}, {"id": "b", "path": "/b/.*"}]})
+        broken = dataclasses.replace(policy.engine.exempt, path_set=_AlwaysMatchingSet(2))
+        assert broken.match("GET", b"/admin", None, False) == ("", False)
+        assert broken.match("GET", b"/b/x", None, False) == ("b", False)
 
 
 class TestRejectResponse:
