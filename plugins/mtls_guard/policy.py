@@ -86,6 +86,7 @@ class CompiledPolicy:
     engine: Engine
     responses: Mapping[Reason, Response]
     forward_names: frozenset[str]
+    source_names: frozenset[str] = frozenset()  # header mode: the forwarded-certificate headers
 
     def decide(
         self,
@@ -112,11 +113,15 @@ class CompiledPolicy:
         Every inbound copy of a configured identity header is deleted on every request, exempt and
         report-mode ones included, so a client can never reach the upstream with a forged identity.
         Identity headers are set only for an "allow" verdict with a certificate: in report mode a
-        certificate that failed the checks is let through but never vouched for.
+        certificate that failed the checks is let through but never vouched for. In header mode the
+        forwarded-certificate headers themselves reach the upstream only when they were verified.
         """
-        if not self.forward_names:
+        strip = self.forward_names
+        if self.source_names and decision.reason is not Reason.VERIFIED:
+            strip = strip | self.source_names
+        if not strip:
             return ()
-        inbound = {n for n, _ in request_headers if n in self.forward_names}
+        inbound = {name.lower() for name, _ in request_headers} & strip
         changes: list[tuple[str, str | None]] = [(name, None) for name in sorted(inbound)]
         cert = decision.identity
         if decision.verdict == "allow" and decision.allowed and cert is not None:
@@ -172,6 +177,7 @@ def describe_policy(config: PolicyConfig) -> str:
         chain = f" (+ chain header {source.chain_header!r})" if source.chain_header else ""
         lines.append(f"  - a certificate in header {source.header!r} ({source.format.value}){chain}")
         lines.append(f"  - re-verified against the source CA bundle: {_bundle_text(source.ca)}")
+        lines.append("  (the certificate headers reach the upstream only on verified requests)")
     else:
         lines.append("  - https (plain http is denied)")
         if config.require_sni_match:
@@ -260,7 +266,8 @@ def build(config: PolicyConfig) -> CompiledPolicy:
         trusted_v4=tuple(n for n in proxies if n.version == 4),
         trusted_v6=tuple(n for n in proxies if n.version == 6),
     )
-    return CompiledPolicy(config, engine, _build_responses(config), frozenset(config.forward.names()))
+    source_names = frozenset(n for n in (source.header, source.chain_header) if n) if source else frozenset()
+    return CompiledPolicy(config, engine, _build_responses(config), frozenset(config.forward.names()), source_names)
 
 
 def compile_policy(value: str | Mapping[str, object], library: PolicyLibrary | None = None) -> CompiledPolicy:

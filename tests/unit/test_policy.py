@@ -692,6 +692,22 @@ class TestUpstreamHeaders:
         decision = run(policy, RequestInput("GET", "/public"), {})
         assert policy.upstream_headers(decision, (("accept", "*/*"),)) == ()
 
+    def test_header_mode_unverified_forwarded_cert_stripped(self) -> None:
+        """In header mode an exempt or untrusted request never passes the certificate headers on."""
+        policy = compiled({"source": {**HEADER_SOURCE, "format": "rfc9440", "ca": ROOT.pem}, **EXEMPTIONS})
+        inbound = (("client-cert", ":AAAA:"), ("client-cert-chain", ":AAAA:"), ("accept", "*/*"))
+        exempt = run(policy, RequestInput("GET", "/public", inbound), {})
+        untrusted = run(policy, RequestInput("GET", "/x", inbound), peer("203.0.113.9"))
+        for decision in (exempt, untrusted):
+            assert policy.upstream_headers(decision, inbound) == (("client-cert", None), ("client-cert-chain", None))
+
+    def test_header_mode_verified_forwarded_cert_passes(self) -> None:
+        """A forwarded certificate that was verified reaches the upstream unchanged."""
+        policy = compiled({"source": {**HEADER_SOURCE, "ca": ROOT.pem}})
+        decision = run(policy, RequestInput("GET", "/x", xfcc(BILLING)), peer())
+        assert decision.reason is Reason.VERIFIED
+        assert policy.upstream_headers(decision, xfcc(BILLING)) == ()
+
     def test_san_values_escaped(self) -> None:
         """Commas and control characters inside a SAN value cannot split or break the header."""
         leaf = FACTORY.leaf(ROOT, uris=["urn:a,DNS:evil.example"])
