@@ -15,7 +15,7 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, ClassVar
+from typing import Any, ClassVar, NamedTuple
 
 import pytest
 import yaml
@@ -443,6 +443,28 @@ class TestStandalone:
         assert ssl["client"]["ca"] == (certs / "ca.crt").read_text(encoding="utf-8")
 
 
+class TestLint:
+    def test_rendered_standalone_has_no_lint_errors(self, certs: Path) -> None:
+        """`mtls-guard lint` finds no fail-open or broken configuration in the rendered standalone file."""
+        pytest.importorskip("plugins.mtls_guard.lint")
+        result = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "runner",
+                "lint",
+                "--policy-file",
+                str(CONF / "policies.yaml"),
+                str(certs / "apisix.yaml"),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+            cwd=ROOT,
+        )
+        assert result.returncode == 0, result.stdout + result.stderr
+
+
 class TestExtPluginAttachments:
     def test_every_path_attaches_mtls_guard(self, attachments: list[tuple[str, dict[str, Any]]]) -> None:
         """Standalone YAML, every Kubernetes manifest kind that can, and the Admin API script attach it."""
@@ -496,6 +518,83 @@ class TestExtPluginAttachments:
         for where, conf in attachments:
             for entry in conf["conf"]:
                 assert exemptions(entry["value"]) <= baseline, where
+
+
+class DemoCheck(NamedTuple):
+    """One curl check of deploy/admin-api.sh: what is sent, and the status the script expects."""
+
+    status: int
+    description: str
+    path: str = "/api/invoices"
+    method: str = "GET"
+    route: str = "billing_route_body"
+    scheme: str = "https"
+    cert: str | None = None
+    verify: str | None = None  # nginx's $ssl_client_verify when it is not SUCCESS
+
+
+DEMO_CHECKS = (
+    DemoCheck(200, "GET /healthz without a certificate", "/healthz"),
+    DemoCheck(200, "OPTIONS /api/invoices (CORS preflight), no certificate", method="OPTIONS"),
+    DemoCheck(403, "GET /api/invoices without a certificate"),
+    DemoCheck(200, "GET /api/invoices, valid billing certificate", cert="client"),
+    DemoCheck(403, "GET /api/invoices, valid chain, wrong identity (frontend)", cert="client-wrong-identity"),
+    DemoCheck(
+        403, "GET /api/invoices, expired certificate", cert="client-expired", verify="FAILED:certificate has expired"
+    ),
+    DemoCheck(
+        403,
+        "GET /api/invoices, certificate from an untrusted CA",
+        cert="client-untrusted",
+        verify="FAILED:unable to get local issuer certificate",
+    ),
+    DemoCheck(
+        200,
+        "GET /report/x, wrong identity (logged: verdict=deny allowed=yes)",
+        "/report/x",
+        route="report_route_body",
+        cert="client-wrong-identity",
+    ),
+    DemoCheck(403, "GET /report/x without a certificate (global rule)", "/report/x", route="report_route_body"),
+    DemoCheck(200, "GET http /healthz", "/healthz", scheme="http"),
+    DemoCheck(403, "GET http /api/invoices", scheme="http"),
+)
+
+
+class TestDemoExpectations:
+    """admin-api.sh's expected statuses, recomputed with `mtls-guard explain` (global rule first, then route)."""
+
+    def decide(self, policy: str, check: DemoCheck, certs: Path) -> dict[str, Any]:
+        argv = [sys.executable, "-m", "runner", "explain", "--json", "--policy", policy]
+        argv += ["--policy-file", str(CONF / "policies.yaml"), "--host", "api.example.test"]
+        argv += ["--method", check.method, "--path", check.path, "--scheme", check.scheme]
+        argv += ["--cert", str(certs / f"{check.cert}.crt")] if check.cert else ["--no-cert"]
+        argv += ["--verify", check.verify] if check.verify else []
+        result = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=ROOT)
+        assert result.returncode in (0, 1), result.stderr
+        return json.loads(result.stdout)
+
+    def test_script_lists_the_same_checks(self) -> None:
+        """Every check here appears in admin-api.sh with the same expected status, in order, and no other."""
+        script = ADMIN_API.read_text(encoding="utf-8")
+        found = re.findall(r'^\s*check (\d{3}) "([^"]+)"', script, re.M)
+        assert [(int(status), text) for status, text in found] == [(c.status, c.description) for c in DEMO_CHECKS]
+
+    @pytest.mark.parametrize("check", DEMO_CHECKS, ids=lambda c: c.description)
+    def test_expected_status(self, check: DemoCheck, certs: Path, admin_bodies: dict[str, Any]) -> None:
+        """The runner's decisions for the global rule and then the route give the status the demo expects."""
+        pytest.importorskip("plugins.mtls_guard.explain")
+        policies = [
+            admin_bodies[body]["plugins"]["ext-plugin-pre-req"]["conf"][0]["value"]
+            for body in ("global_rule_body", check.route)
+        ]
+        status = 200
+        for policy in policies:
+            outcome = self.decide(policy, check, certs)
+            if not outcome["allowed"]:
+                status = outcome["status"]
+                break
+        assert status == check.status
 
 
 class TestKubernetes:
