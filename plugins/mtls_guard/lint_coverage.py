@@ -16,6 +16,7 @@ from .identity import ClientCertificate, TrustBundle
 from .lint_findings import Findings
 from .lint_load import Config, Resource
 from .lint_plugins import PRE_REQ, GuardUse, PluginAnalysis, plugins_of
+from .lint_regex import may_exempt_route_uri
 from .lint_tls import SslInfo
 
 __all__ = ["check_coverage", "hosts_overlap", "route_hosts"]
@@ -55,6 +56,21 @@ def route_hosts(route: Resource, config: Config) -> tuple[str, ...] | None:
         return own
     service = config.get("services", route.value["service_id"]) if "service_id" in route.value else None
     return _names(service.value) if service is not None else None
+
+
+def _route_uris(route: Resource) -> tuple[str, ...]:
+    uris = route.value.get("uris")
+    if isinstance(uris, list) and uris:
+        return tuple(str(u) for u in uris)
+    uri = route.value.get("uri")
+    return (uri,) if isinstance(uri, str) else ("/*",)
+
+
+def _exempt_somewhere(route: Resource, ssl: SslInfo) -> bool:
+    """Can a request for this route match the SSL object's skip list, i.e. pass APISIX without a cert?"""
+    if ssl.skip is None:
+        return False
+    return ssl.skip_catch_all or any(may_exempt_route_uri(ssl.skip, uri) for uri in _route_uris(route))
 
 
 def _serves(hosts: tuple[str, ...] | None, ssl: SslInfo) -> bool:
@@ -102,7 +118,8 @@ class _Coverage:
         self.plugins.check_shadowing(route)
         guards = self.plugins.route_guards(route)
         served = [s for s in self.ssls if _serves(route_hosts(route, self.config), s)]
-        tolerant = [s for s in served if s.tolerant]
+        # A narrow skip list (e.g. '^/health\z') leaves a route like /admin/* to APISIX's own check.
+        tolerant = [s for s in served if s.tolerant and _exempt_somewhere(route, s)]
         if tolerant and not guards:
             scope = "every URI" if any(s.skip_catch_all for s in tolerant) else "URIs matching the skip regex"
             where = ", ".join(f"{s.label} ({', '.join(s.snis)})" for s in tolerant)

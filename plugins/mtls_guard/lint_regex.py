@@ -14,10 +14,12 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["SkipPattern", "analyse", "catch_all", "unmatched_example"]
+__all__ = ["SkipPattern", "analyse", "catch_all", "may_exempt_route_uri", "unmatched_example"]
 
 # Escapes whose PCRE meaning Python lacks or reads differently (\v is a class in PCRE, a character in Python).
 _PCRE_ONLY_ESCAPES: Final = frozenset("KRhHvVgkNXCpPQEGeoc")
+_META: Final = frozenset(".^$*+?()[]{}|\\")
+_OPTIONAL: Final = ("*", "?", "{")
 _PCRE_ONLY_GROUPS: Final = re.compile(r"\(\?(?:\||R\)|&|P>|[+-]?[0-9]|C|')|\(\*")
 # URIs a catch-all list must exempt: $uri always starts with "/" (nginx rejects other request targets).
 _PROBES: Final = (
@@ -49,6 +51,17 @@ class SkipPattern:
     @property
     def catch_all(self) -> bool:
         return self.compiled is not None and all(self.search(p) for p in _PROBES)
+
+    @property
+    def literal_prefix(self) -> str | None:
+        """What every matched URI starts with, for a single ^-anchored alternative; None when unknown."""
+        if len(_alternatives(self.text)) != 1 or not self.text.startswith("^"):
+            return None
+        end = 1
+        while end < len(self.text) and self.text[end] not in _META:
+            end += 1
+        # "^/healthz?" guarantees only "/health": a quantifier makes the last literal character optional.
+        return self.text[1 : end - 1] if self.text[end : end + 1] in _OPTIONAL else self.text[1:end]
 
 
 def _translate(pattern: str) -> tuple[str, str | None]:
@@ -166,3 +179,24 @@ def catch_all(patterns: Sequence[SkipPattern]) -> bool:
 def unmatched_example(patterns: Sequence[SkipPattern]) -> str | None:
     """A URI that no pattern exempts, i.e. one APISIX itself still demands a certificate for."""
     return next((uri for uri in _PROBES if not any(p.search(uri) for p in patterns)), None)
+
+
+def may_exempt_route_uri(patterns: Sequence[SkipPattern], route_uri: str) -> bool:
+    """Could some URI served by ``route_uri`` (APISIX route syntax) match one of ``patterns``?
+
+    Exact route URIs are tested directly. A prefix route (``/api/*``, or one with ``:param`` segments,
+    cut at the first variable part) can only be ruled out against an anchored pattern whose literal
+    prefix diverges from it; anything else counts as "may match", because a false "no" here would hide
+    a reachable route.
+    """
+    cut = min((i for i in (route_uri.find("*"), route_uri.find(":")) if i >= 0), default=-1)
+    if cut < 0:
+        return any(p.search(route_uri) or p.pcre_only is not None for p in patterns)
+    prefix = route_uri[:cut]
+    for p in patterns:
+        if p.compiled is None and p.pcre_only is None:
+            continue  # APISIX treats a pattern that fails to compile as "no match"
+        literal = p.literal_prefix if p.pcre_only is None else None
+        if literal is None or literal.startswith(prefix) or prefix.startswith(literal):
+            return True
+    return False

@@ -18,7 +18,7 @@ from plugins.mtls_guard.lint import LintResult, lint_files, render_json, render_
 from plugins.mtls_guard.lint_coverage import hosts_overlap
 from plugins.mtls_guard.lint_findings import CODES, Finding, Findings, Severity
 from plugins.mtls_guard.lint_load import InputError
-from plugins.mtls_guard.lint_regex import analyse, catch_all, unmatched_example
+from plugins.mtls_guard.lint_regex import analyse, catch_all, may_exempt_route_uri, unmatched_example
 from plugins.mtls_guard.lint_tls import host_covers
 from plugins.mtls_guard.schema import PolicyLibrary
 from runner.cli import main as cli_main
@@ -337,6 +337,31 @@ class TestRegexAnalysis:
         assert not catch_all([analyse("^/api")])
         assert unmatched_example([analyse("^/api")]) == "/"
 
+    @pytest.mark.parametrize(
+        ("pattern", "prefix"),
+        [("^/healthz?", "/health"), (r"^/health\z", "/health"), ("^/", "/"), ("/x", None), ("^/a|^/b", None)],
+    )
+    def test_literal_prefix(self, pattern: str, prefix: str | None) -> None:
+        """An anchored single alternative exposes the literal every match starts with (quantified chars excluded)."""
+        assert analyse(pattern).literal_prefix == prefix
+
+    @pytest.mark.parametrize(
+        ("patterns", "route_uri", "may"),
+        [
+            ([r"^/health\z"], "/admin/*", False),
+            ([r"^/health\z"], "/admin", False),
+            ([r"^/health\z"], "/health", True),
+            ([r"^/health\z"], "/*", True),
+            (["/health"], "/admin/*", True),
+            (["^/admin/public/"], "/admin/*", True),
+            (["^/("], "/x/*", False),
+            (["^/api/v1"], "/api/:version/orders", True),
+        ],
+    )
+    def test_route_uri_vs_skip_list(self, patterns: list[str], route_uri: str, may: bool) -> None:
+        """A route escapes APISIX's own check only if some of its URIs can match the skip list."""
+        assert may_exempt_route_uri([analyse(p) for p in patterns], route_uri) is may
+
 
 class TestHostMatching:
     @pytest.mark.parametrize(
@@ -546,6 +571,19 @@ class TestHostCoverage:
         ]
         data["services"] = [{"id": "s", "hosts": ["api.example.com"]}, {"id": "o", "hosts": ["other.example.org"]}]
         assert sorted(f.obj for f in found(lint(data), "MG010")) == ["routes/svc", "routes/wild"]
+
+    def test_narrow_skip_list_only_flags_routes_it_can_exempt(self, lint: Callable[..., LintResult]) -> None:
+        """With skip '^/health\\z', /admin/* stays enforced by APISIX itself; /health and /* are reachable."""
+        data = good_config()
+        data["global_rules"] = []
+        data["ssls"][0]["client"]["skip_mtls_uri_regex"] = [r"^/health\z"]
+        data["routes"] = [
+            {"id": name, "uri": uri, "host": "api.example.com"}
+            for name, uri in (("admin", "/admin/*"), ("health", "/health"), ("all", "/*"))
+        ]
+        flagged = found(lint(data), "MG010")
+        assert sorted(f.obj for f in flagged) == ["routes/all", "routes/health"]
+        assert all("URIs matching the skip regex" in f.message for f in flagged)
 
     def test_disabled_route_is_ignored(self, lint: Callable[..., LintResult]) -> None:
         """status: 0 routes are not served, so they are not reported."""
