@@ -170,8 +170,7 @@ admin_put() {
 }
 
 wait_for_admin() {
-  local i
-  for i in $(seq 1 60); do
+  for _ in $(seq 1 60); do
     if curl -fsS -o /dev/null -H "X-API-KEY: $ADMIN_KEY" "$ADMIN_URL/apisix/admin/routes"; then
       return 0
     fi
@@ -219,8 +218,8 @@ demo() {
 
   # Configuration reaches APISIX through etcd within a moment, and the runner may still be starting
   # (503 until it listens): wait for the first exempt request to pass.
-  local i status
-  for i in $(seq 1 30); do
+  local status
+  for _ in $(seq 1 30); do
     status="$(curl -s -o /dev/null -w '%{http_code}' --max-time 5 "${tls[@]}" "$base/healthz")" || true
     [ "$status" = 200 ] && break
     sleep 1
