@@ -9,7 +9,7 @@ reachable route is worse than one that asks about a route that is in fact unreac
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
 
 from .identity import ClientCertificate, TrustBundle
@@ -110,7 +110,7 @@ class _Coverage:
         holders = [*self.plugins.linked(route), *self.config.of("global_rules")]
         for holder in holders:
             redirect = plugins_of(holder).get("redirect")
-            if isinstance(redirect, dict) and redirect.get("http_to_https") is True:
+            if isinstance(redirect, Mapping) and redirect.get("http_to_https") is True:
                 return True
         return False
 
@@ -126,8 +126,8 @@ class _Coverage:
             self.add(
                 "MG010",
                 route,
-                f"reachable without a client certificate for {scope}: {where} request(s) but tolerate missing "
-                "certificates (skip_mtls_uri_regex), and no mtls-guard runs for this route",
+                f"reachable without a client certificate for {scope}: {where} asks for a certificate but "
+                "tolerates its absence (skip_mtls_uri_regex), and no mtls-guard runs for this route",
                 _FIX_ATTACH,
             )
         client_ssls = [s for s in served if s.has_client]

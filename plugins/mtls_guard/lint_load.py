@@ -193,6 +193,7 @@ class _Recogniser:
         self.findings = findings
         self.file = loaded
         self.name_kind = _kind_from_name(loaded.path)
+        self.recognised = 0  # objects placed, checked or not: zero means the file was not understood
 
     def note(self, code: str, obj: str, message: str, fix: str, line: int | None = None) -> None:
         self.findings.add(code, obj, message, fix, source=self.file.path, line=line)
@@ -216,7 +217,7 @@ class _Recogniser:
             self.items(None, data, "")
 
     def collections(self, data: Mapping[Any, Any]) -> None:
-        self.file.shape = "standalone"
+        self.file.shape = "standalone" if self.file.format == "yaml" else "combined"
         for key, value in data.items():
             if key in CHECKED_KINDS:
                 items = value
@@ -229,7 +230,7 @@ class _Recogniser:
                     continue
                 self.items(key, items, key)
             elif key in OTHER_KINDS or (isinstance(key, str) and key.endswith("_conf_version")):
-                continue
+                self.recognised += 1
             else:
                 self.note(
                     "MG002",
@@ -254,12 +255,14 @@ class _Recogniser:
                 unplaced += 1
                 continue
             if item_kind in OTHER_KINDS:
+                self.recognised += 1
                 continue
             line = getattr(value, "line", None) or getattr(item, "line", None)
             ident = value.get("id", key_id) if isinstance(value, Mapping) else None
             # APISIX's standalone loader names id-less items "<kind>#<1-based index>".
             ident_text = str(ident) if ident is not None else f"#{index + 1}"
             if not isinstance(value, Mapping):
+                self.recognised += 1  # placed, just broken: reported here, not as "unrecognised file"
                 self.note("MG004", f"{item_kind}/{ident_text}", f"{at} is not an object", "remove it or fix it", line)
                 continue
             self.add(Resource(item_kind, ident_text, value, self.file.path, line))
@@ -284,6 +287,7 @@ class _Recogniser:
             )
         self.config.resources[resource.kind].append(resource)
         self.file.resources += 1
+        self.recognised += 1
 
 
 _SHAPES_FIX: Final = (
@@ -308,13 +312,10 @@ def load_files(paths: Sequence[str], findings: Findings) -> Config:
         for duplicate, line in duplicates:
             message = f"{duplicate}: YAML/JSON readers disagree on which copy wins"
             findings.add("MG004", path, message, "remove one copy", source=path, line=line)
-        before = sum(len(v) for v in config.resources.values())
         recogniser = _Recogniser(config, findings, loaded)
         recogniser.top(data)
-        known_other = isinstance(data, Mapping) and any(k in OTHER_KINDS for k in data)
-        recognised_any = sum(len(v) for v in config.resources.values()) > before or known_other
-        if not recognised_any and not _is_empty_collection(data):
-            loaded.shape = "unrecognised" if loaded.shape == "standalone" else loaded.shape
+        if not recogniser.recognised and not _is_empty_collection(data):
+            loaded.shape = "unrecognised"
             what = "empty" if data is None else f"a {type(data).__name__}" if not isinstance(data, list | dict) else ""
             detail = f" (the document is {what})" if what else ""
             findings.add("MG003", path, f"no APISIX resource recognised{detail}", _SHAPES_FIX, source=path)

@@ -245,6 +245,18 @@ class TestLoader:
         assert any("'apiVersion'" in f.message for f in found(result, "MG002"))
         assert result.exit_code == 1
 
+    def test_known_but_unchecked_resources_are_not_unrecognised(self, write: Callable[..., str]) -> None:
+        """An upstreams export is understood (no MG003) even though no check reads upstreams."""
+        result = lint_files([write([{"id": "1", "nodes": {"10.0.0.1:80": 1}}], "upstreams.json")], now=NOW)
+        assert not {"MG002", "MG003"} & codes(result)
+        assert result.config.files[0].shape == "list"
+
+    def test_combined_json_export_with_plain_objects(self, write: Callable[..., str]) -> None:
+        """{"routes": [...], "ssls": [...]} in JSON is a combined export of plain objects."""
+        result = lint_files([write(good_config(), "export.json")], now=NOW)
+        assert result.config.files[0].shape == "combined"
+        assert [r.label for r in result.config.of("global_rules")] == ["global_rules/1"]
+
     def test_list_of_unknown_kind_is_reported(self, write: Callable[..., str]) -> None:
         """Objects without Admin API keys in a file whose name names no resource are counted and reported."""
         result = lint_files([write([{"uri": "/x"}, {"uri": "/y"}], "dump.json")], now=NOW)
