@@ -153,8 +153,3 @@ def main(args: argparse.Namespace) -> int:
         return EXIT_UNREADABLE
     print(render_json(result) if args.format == "json" else render_text(result))
     return result.exit_code
-
-
-def codes_table() -> list[tuple[str, str, str]]:
-    """(code, severity, meaning) rows, for documentation."""
-    return [(code, str(sev), meaning) for code, (sev, meaning) in CODES.items()]
