@@ -287,7 +287,6 @@ class Bridge:
             return 500, [("x-e2e-outcome", "harness-error")], b"nginx did not send $uri\n"
         route = self.route_for(path)
         common = [("x-e2e-route", route.id)]
-        self._prune_pool()
         try:
             outcome = await self._apisix.request(
                 route.entries,
@@ -304,19 +303,6 @@ class Bridge:
             headers = [*common, ("x-e2e-outcome", "error"), ("x-e2e-error", type(exc).__name__)]
             return 503, headers, b"503 Service Temporarily Unavailable\n"
         return self._apply(route, request, path, tuple(client_headers), nginx_vars, outcome, common)
-
-    def _prune_pool(self) -> None:
-        """Drop pooled runner connections the runner has closed, as nginx's cosocket keepalive pool does.
-
-        FakeApisix hands out pooled connections unchecked; APISIX's pool never holds a closed one
-        (nginx closes an idle pooled connection on EOF), so after a runner restart APISIX connects
-        afresh instead of failing on a dead connection.
-        """
-        assert self._apisix is not None
-        pool = self._apisix._pool
-        for conn in [c for c in pool if c.reader.at_eof() or c.writer.is_closing()]:
-            pool.remove(conn)
-            conn.close()
 
     def _apply(
         self,

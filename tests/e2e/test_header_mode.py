@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 
 from tests.certs import escaped
-from tests.e2e.conftest import Stack
+from tests.e2e.stack import Stack
 
 pytestmark = pytest.mark.e2e
 

@@ -12,8 +12,8 @@ import re
 import pytest
 
 from tests.certs import escaped
-from tests.e2e.conftest import Stack
 from tests.e2e.pki import OTHER_HOST, SPIFFE_PROD
+from tests.e2e.stack import Stack
 
 pytestmark = pytest.mark.e2e
 
