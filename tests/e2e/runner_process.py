@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -35,6 +36,7 @@ class RunnerProcess:
         self.argv = [runner_executable(), "run", "--log-level", log_level, *extra_args]
         self.proc: subprocess.Popen[bytes] | None = None
         self.starts = 0
+        self._groups: list[int] = []  # process groups of every start (a runner may have worker children)
 
     @property
     def environment(self) -> dict[str, str]:
@@ -60,8 +62,10 @@ class RunnerProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd="/",
+                start_new_session=True,
             )
         self.starts += 1
+        self._groups.append(self.proc.pid)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
@@ -98,11 +102,15 @@ class RunnerProcess:
         return code, time.monotonic() - started
 
     def stop(self) -> None:
-        if self.proc is None or self.proc.poll() is not None:
-            return
-        code, _ = self.terminate(5.0)
-        if code is None:
-            self.kill()
+        """Terminate the runner, then SIGKILL whatever is left in the process groups this object started."""
+        if self.proc is not None and self.proc.poll() is None:
+            code, _ = self.terminate(5.0)
+            if code is None:
+                self.kill()
+        for group in self._groups:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(group, signal.SIGKILL)
+        self._groups.clear()
 
     def log(self) -> str:
         try:
