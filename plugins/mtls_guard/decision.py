@@ -18,7 +18,7 @@ from typing import Final, Literal
 from .forwarded import parse_forwarded
 from .identity import CertificateCache, CertificateError, ClientCertificate, TrustBundle, load_pem, unescape_nginx
 from .matchers import ExemptMatcher, SanMatcher, normalize_host
-from .paths import canonicalize
+from .paths import canonical_value
 from .schema import HeaderSource, IPNetwork, Mode
 
 __all__ = ["Decision", "Engine", "IdentityChecks", "NeedVars", "Reason", "RequestInput", "sanitize_detail"]
@@ -147,6 +147,7 @@ class Engine:
     reject_status: int
     need_protected: NeedVars
     need_host_and_protected: NeedVars
+    exempt_decisions: Mapping[str, Decision]  # one immutable Decision per rule id, built once
     trusted_v4: tuple[IPNetwork, ...] = ()
     trusted_v6: tuple[IPNetwork, ...] = ()
 
@@ -158,13 +159,13 @@ class Engine:
         now: datetime,
         cache: CertificateCache,
     ) -> Decision | NeedVars:
-        canonical = canonicalize(request.path)
+        canonical = canonical_value(request.path)
         # Ambiguous paths are matched by no rule at all, methods-only rules included (fail closed).
-        path = None if canonical.ambiguous else canonical.value.encode("utf-8")
+        path = None if canonical is None else canonical.encode("utf-8")
         host = vars.get("host") if vars is not None else None
         rule_id, needs_host = self.exempt.match(request.method.upper(), path, host, vars is not None)
         if rule_id:
-            return Decision(True, "allow", Reason.EXEMPT, rule_id, self.mode, 0)
+            return self.exempt_decisions[rule_id]
         if vars is None:
             # One round trip: when a host rule may still exempt, fetch the protected set with "host".
             return self.need_host_and_protected if needs_host else self.need_protected

@@ -16,7 +16,7 @@ import unicodedata
 from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["CanonicalPath", "canonicalize"]
+__all__ = ["CanonicalPath", "canonical_value", "canonicalize"]
 
 # Characters that make a path ambiguous whether they arrive raw or percent-encoded:
 #   C0 controls and DEL (CRLF / NUL injection, PCRE's "$ before final newline", "." not matching "\n"),
@@ -24,12 +24,18 @@ __all__ = ["CanonicalPath", "canonicalize"]
 #   ";" (servlet path parameters: "/public;/../admin", "/public/..;/admin"),
 #   "\" (Windows/IIS and some normalisers turn it into "/").
 _FORBIDDEN_CHARS: Final = r"\x00-\x1f\x7f-\x9f;\\"
-# Raw-only: "//" (nginx merges slashes, so an empty segment means an un-normalised path) and dot
-# segments; "?" and "#" cannot be part of a normalised path the runner passes (the query is split off),
-# so seeing them raw means a raw request line leaked through.
-_RAW_AMBIGUOUS: Final = re.compile(rf"[{_FORBIDDEN_CHARS}?#]|//|(?:^|/)\.{{1,2}}(?:/|\Z)")
-# After decoding, "?" and "#" are legitimate path characters (they were sent as %3F / %23).
-_DECODED_AMBIGUOUS: Final = re.compile(rf"[{_FORBIDDEN_CHARS}]|//|(?:^|/)\.{{1,2}}(?:/|\Z)")
+_FORBIDDEN: Final = re.compile(rf"[{_FORBIDDEN_CHARS}]")
+_DOT_SEGMENT: Final = re.compile(r"(?:^|/)\.{1,2}(?:/|\Z)")
+
+
+def _structurally_ambiguous(path: str) -> bool:
+    # "//": nginx merges slashes, so an empty segment means an un-normalised (raw or rewritten) path.
+    # Plain substring tests first: this runs on every request, and a clean path must stay cheap.
+    return (
+        _FORBIDDEN.search(path) is not None or "//" in path or ("/." in path and _DOT_SEGMENT.search(path) is not None)
+    )
+
+
 # A "%" not followed by two hex digits ("%zz", "%4", trailing "%").
 _BAD_ESCAPE: Final = re.compile(r"%(?![0-9A-Fa-f]{2})")
 # Encodings that must never be decoded for matching: "%2F" (a slash the router did not split on),
@@ -60,10 +66,6 @@ class CanonicalPath:
     reason: str = ""
 
 
-def _ambiguous(value: str, reason: str) -> CanonicalPath:
-    return CanonicalPath(value, True, reason)
-
-
 def _decode_run(match: re.Match[str]) -> str:
     # Decode a run of consecutive escapes at once so multi-byte UTF-8 sequences stay together; strict
     # UTF-8 so overlong forms and lone continuation bytes cannot smuggle "/" or "." past the checks.
@@ -77,34 +79,48 @@ def _unicode_ambiguous(value: str) -> bool:
     return folded != value and any(value.count(c) != folded.count(c) for c in _STRUCTURAL)
 
 
-def canonicalize(raw: str | None) -> CanonicalPath:
-    """Return the canonical form of ``raw`` and whether it is ambiguous (see the module docstring)."""
+def _classify(raw: str | None) -> tuple[str, str]:
+    """(decoded path, "") when unambiguous, else (raw input, reason)."""
     if not raw:
-        return _ambiguous("", "empty")
+        return "", "empty"
     if raw[0] != "/":
-        return _ambiguous(raw, "not-absolute")
-    if _RAW_AMBIGUOUS.search(raw) is not None:
-        return _ambiguous(raw, "raw-ambiguous")
+        return raw, "not-absolute"
+    # "?" and "#" cannot be part of a path the runner passes (the query is split off): seen raw, they
+    # mean a raw request line leaked through. Once decoded (%3F, %23) they are ordinary characters.
+    if _structurally_ambiguous(raw) or "?" in raw or "#" in raw:
+        return raw, "raw-ambiguous"
     if not raw.isascii():
         try:
             # Lone surrogates come from bytes that were not valid UTF-8 (surrogateescape decoding).
             raw.encode("utf-8", "strict")
         except UnicodeEncodeError:
-            return _ambiguous(raw, "invalid-utf8")
+            return raw, "invalid-utf8"
         if "%" not in raw and _unicode_ambiguous(raw):
-            return _ambiguous(raw, "unicode-ambiguous")
+            return raw, "unicode-ambiguous"
     if "%" not in raw:
-        return CanonicalPath(raw, False)
+        return raw, ""
     if _BAD_ESCAPE.search(raw) is not None:
-        return _ambiguous(raw, "bad-escape")
+        return raw, "bad-escape"
     if _DANGEROUS_ESCAPE.search(raw) is not None:
-        return _ambiguous(raw, "encoded-separator")
+        return raw, "encoded-separator"
     try:
         decoded = _ESCAPE.sub(_decode_run, raw)
     except UnicodeDecodeError:
-        return _ambiguous(raw, "invalid-utf8")
-    if _DECODED_AMBIGUOUS.search(decoded) is not None:
-        return _ambiguous(raw, "decoded-ambiguous")
+        return raw, "invalid-utf8"
+    if _structurally_ambiguous(decoded):
+        return raw, "decoded-ambiguous"
     if not decoded.isascii() and _unicode_ambiguous(decoded):
-        return _ambiguous(raw, "unicode-ambiguous")
-    return CanonicalPath(decoded, False)
+        return raw, "unicode-ambiguous"
+    return decoded, ""
+
+
+def canonical_value(raw: str | None) -> str | None:
+    """The path to match, or None when it is ambiguous (the per-request fast path of ``canonicalize``)."""
+    value, reason = _classify(raw)
+    return None if reason else value
+
+
+def canonicalize(raw: str | None) -> CanonicalPath:
+    """Return the canonical form of ``raw`` and whether it is ambiguous (see the module docstring)."""
+    value, reason = _classify(raw)
+    return CanonicalPath(value, bool(reason), reason)

@@ -263,6 +263,9 @@ def build(config: PolicyConfig) -> CompiledPolicy:
         reject_status=config.reject.status,
         need_protected=_ordered(protected),
         need_host_and_protected=_ordered(protected | {"host"}),
+        exempt_decisions=MappingProxyType(
+            {r.id: Decision(True, "allow", Reason.EXEMPT, r.id, config.mode, 0) for r in config.exempt}
+        ),
         trusted_v4=tuple(n for n in proxies if n.version == 4),
         trusted_v6=tuple(n for n in proxies if n.version == 6),
     )
