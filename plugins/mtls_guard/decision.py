@@ -19,12 +19,11 @@ from .forwarded import parse_forwarded
 from .identity import CertificateCache, CertificateError, ClientCertificate, TrustBundle, load_pem, unescape_nginx
 from .matchers import ExemptMatcher, SanMatcher, normalize_host
 from .paths import canonical_value
-from .schema import HeaderSource, IPNetwork, Mode
+from .schema import HOST_MISMATCH_STATUS, HeaderSource, IPNetwork, Mode
 
 __all__ = ["Decision", "Engine", "IdentityChecks", "NeedVars", "Reason", "RequestInput", "sanitize_detail"]
 
 MAX_DETAIL: Final = 80
-HOST_MISMATCH_STATUS: Final = 421
 # The order variables are requested in; also the order NeedVars lists them.
 VAR_ORDER: Final = (
     "ssl_client_verify",

@@ -1,4 +1,4 @@
-"""Pattern parsers and compiled matchers: host names, typed SANs, name attributes, fingerprints, exemptions.
+"""Pattern parsers and compiled matchers: host names, typed SANs, fingerprints, exemption rules.
 
 Parsers (``parse_*``) raise ValueError with a short message; the schema prefixes the key path. Compiled
 matchers are immutable and do no parsing per request: every lookup is a set membership or a short
@@ -24,6 +24,7 @@ __all__ = [
     "ExemptRuleSpec",
     "SanMatcher",
     "UriPattern",
+    "compile_regex",
     "normalize_fingerprint",
     "normalize_host",
     "parse_dns_pattern",

@@ -18,7 +18,16 @@ from .decision import VAR_ORDER, Decision, Engine, IdentityChecks, NeedVars, Rea
 from .forwarded import build_xfcc
 from .identity import CertificateCache, ClientCertificate, TrustBundle
 from .matchers import DomainSet, ExemptMatcher, ExemptRuleSpec, SanMatcher
-from .schema import ExemptRule, HeaderSource, Mode, PolicyConfig, PolicyError, PolicyLibrary, parse_policy
+from .schema import (
+    HOST_MISMATCH_STATUS,
+    ExemptRule,
+    HeaderSource,
+    Mode,
+    PolicyConfig,
+    PolicyError,
+    PolicyLibrary,
+    parse_policy,
+)
 
 __all__ = [
     "REASON_HEADER",
@@ -221,7 +230,7 @@ def _build_responses(config: PolicyConfig) -> Mapping[Reason, Response]:
     reject = config.reject
     out: dict[Reason, Response] = {}
     for reason in Reason:
-        status = 421 if reason is Reason.HOST_MISMATCH else reject.status
+        status = HOST_MISMATCH_STATUS if reason is Reason.HOST_MISMATCH else reject.status
         headers: tuple[tuple[str, str], ...] = (("content-type", reject.content_type),)
         body = reject.body
         if reject.expose_reason:
