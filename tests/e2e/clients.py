@@ -8,6 +8,7 @@ its source address (``source="127.0.0.2"``) to play an untrusted peer on the loo
 from __future__ import annotations
 
 import json
+import socket
 import ssl
 import subprocess
 import tempfile
@@ -126,6 +127,33 @@ class Clients:
             "httpx",
             tuple((k.lower(), v) for k, v in response.headers.multi_items()),
         )
+
+    def resumable_request(
+        self, path: str, *, cert: str | None, session: ssl.SSLSession | None = None
+    ) -> tuple[Reply, ssl.SSLSession | None, bool]:
+        """GET over a fresh TLS connection offering ``session`` for resumption (httpx cannot resume).
+
+        Returns the reply, the session to resume next time, and whether this connection resumed one.
+        """
+        port = self.front.ports.https
+        context = self.context(cert)
+        with (
+            socket.create_connection((LOOPBACK, port), timeout=15) as raw,
+            context.wrap_socket(raw, server_hostname=API_HOST, session=session) as tls,
+        ):
+            request = f"GET {path} HTTP/1.1\r\nHost: {API_HOST}\r\nConnection: close\r\n\r\n"
+            tls.sendall(request.encode("ascii"))
+            data = b""
+            while chunk := tls.recv(65536):
+                data += chunk
+            reused, next_session = tls.session_reused, tls.session
+        head, _, body = data.partition(b"\r\n\r\n")
+        lines = head.decode("latin-1").split("\r\n")
+        pairs = tuple(
+            (name.strip().lower(), value.strip()) for name, sep, value in (ln.partition(":") for ln in lines[1:]) if sep
+        )
+        reply = Reply(int(lines[0].split(" ")[1]), dict(pairs), body, "ssl", pairs)
+        return reply, next_session, reused
 
     def curl(
         self,

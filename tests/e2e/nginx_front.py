@@ -106,6 +106,9 @@ http {
         server_name @API_HOST@;
         ssl_certificate @SERVER_CERT@;
         ssl_certificate_key @SERVER_KEY@;
+        # APISIX's defaults (apisix/cli/ngx_tpl.lua): a shared session cache, no stateless tickets.
+        ssl_session_cache shared:e2e_ssl:1m;
+        ssl_session_timeout 10m;
         ssl_session_tickets off;
         ssl_certificate_by_lua_block {
             local ssl = require "ngx.ssl"

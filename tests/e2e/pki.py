@@ -77,6 +77,17 @@ class Pki:
             for name, cert in issued.items()
         }
 
+    def add_client(self, name: str, issued: Issued) -> ClientCert:
+        """Write one more client certificate (e.g. a short-lived one made by a test) and register it."""
+        client = ClientCert(
+            name,
+            issued,
+            self._write(f"client-{name}.pem", issued.chain_pem),
+            self._write(f"client-{name}.key", issued.key_pem),
+        )
+        self.clients[name] = client
+        return client
+
     def _write(self, name: str, text: str) -> Path:
         path = self.dir / name
         path.write_text(text, encoding="ascii")

@@ -8,10 +8,12 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from tests.certs import escaped
+from tests.certs import CertFactory, escaped
 from tests.e2e.pki import OTHER_HOST, SPIFFE_PROD
 from tests.e2e.stack import Stack
 
@@ -276,3 +278,32 @@ class TestCurlClient:
     def test_curl_plain_http(self, stack: Stack) -> None:
         """curl over plain HTTP to a protected path gets 403 plain-http."""
         stack.expect(stack.clients.curl("/orders/42", listener="http"), 403, "plain-http")
+
+
+class TestSessionResumption:
+    """TLS session resumption (APISIX's shared session cache): nginx does not re-verify a resumed session."""
+
+    def test_resumed_session_keeps_the_decision(self, stack: Stack) -> None:
+        """A resumed session (ssl_session_reused=r) carries the verified certificate and is decided the same."""
+        first, session, reused = stack.clients.resumable_request("/orders/1", cert="valid")
+        stack.expect(first, 200)
+        assert not reused
+        second, _, reused = stack.clients.resumable_request("/orders/1", cert="valid", session=session)
+        stack.expect(second, 200)
+        assert reused
+        assert stack.bridge.records[-1].vars["ssl_session_reused"] == "r"
+
+    @pytest.mark.slow
+    def test_certificate_expired_since_the_handshake_is_refused_on_resumption(self, stack: Stack) -> None:
+        """A session resumed after its certificate expired still says SUCCESS; the plugin re-checks the dates."""
+        factory = CertFactory()
+        not_after = datetime.now(UTC).replace(microsecond=0) + timedelta(seconds=3)
+        issued = factory.leaf(stack.pki.ca, cn="web-prod", uris=[SPIFFE_PROD], not_after=not_after)
+        stack.pki.add_client("short_lived", issued)
+        first, session, _ = stack.clients.resumable_request("/orders/1", cert="short_lived")
+        stack.expect(first, 200)
+        time.sleep(max(0.0, (not_after - datetime.now(UTC)).total_seconds()) + 1.1)
+        later, _, reused = stack.clients.resumable_request("/orders/1", cert="short_lived", session=session)
+        assert reused, "the TLS session was not resumed, so this test proves nothing"
+        assert stack.bridge.records[-1].vars["ssl_client_verify"] == "SUCCESS"
+        stack.expect(later, 403, "expired")
