@@ -1,0 +1,178 @@
+"""Server processes under test: the floor or our runner, each pinned to its own core.
+
+Parent side: :class:`ServerProcess` starts ``python -m bench.servers`` on a socket in a temp dir,
+waits until the child reports it is listening (a ready file), and stops it with SIGTERM.
+
+Child side (``main``): pins itself to ``--cpu``, builds the event loop, and serves either
+``bench.floor`` or ``runner.app.run`` — the production entry point, with the plugins named by the
+scenario registered in-process, production settings defaults and no metrics observers.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from types import TracebackType
+
+from .scenarios import Scenario
+
+__all__ = ["ServerProcess", "main"]
+
+_ROOT = Path(__file__).resolve().parent.parent
+_READY_TIMEOUT = 20.0
+_STOP_TIMEOUT = 5.0
+
+
+class ServerProcess:
+    """One server subprocess (``with ServerProcess(...) as server: ... server.path``)."""
+
+    def __init__(self, scenario: Scenario, loop: str, cpu: int | None, profile: str | None = None) -> None:
+        self.scenario = scenario
+        self.loop = loop
+        self.cpu = cpu
+        self.profile = profile
+        self._tmp = tempfile.TemporaryDirectory(prefix="mtls-bench-")
+        self.path = os.path.join(self._tmp.name, "runner.sock")
+        self.log_path = os.path.join(self._tmp.name, "server.log")
+        self._ready = os.path.join(self._tmp.name, "ready")
+        self._proc: subprocess.Popen[bytes] | None = None
+        self.exit_code: int | None = None
+        self.log_text = ""
+
+    @property
+    def pid(self) -> int:
+        assert self._proc is not None
+        return self._proc.pid
+
+    def start(self) -> None:
+        cmd = [sys.executable, "-m", "bench.servers", "--socket", self.path, "--ready-file", self._ready]
+        cmd += ["--loop", self.loop, "--scenario", self.scenario.to_json()]
+        if self.cpu is not None:
+            cmd += ["--cpu", str(self.cpu)]
+        if self.profile is not None:
+            cmd += ["--profile", self.profile]
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(cmd, cwd=_ROOT, stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + _READY_TIMEOUT
+        while not os.path.exists(self._ready):
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"server exited with {self._proc.returncode} before listening:\n{self._log()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"server not ready after {_READY_TIMEOUT:g}s:\n{self._log()}")
+            time.sleep(0.01)
+
+    def stop(self) -> None:
+        proc = self._proc
+        if proc is None or self.exit_code is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            self.exit_code = proc.wait(_STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            self.exit_code = proc.wait()
+        self.log_text = self._log()
+
+    def _log(self) -> str:
+        try:
+            return Path(self.log_path).read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def __enter__(self) -> ServerProcess:
+        self.start()
+        return self
+
+    def __exit__(
+        self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None
+    ) -> None:
+        self.stop()
+        self._tmp.cleanup()
+
+
+# --- child side ----------------------------------------------------------------------------------
+
+
+def _touch(path: str) -> None:
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(str(os.getpid()))
+    os.replace(tmp, path)
+
+
+def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
+    if kind == "uvloop":
+        import uvloop
+
+        loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
+        return loop
+    return asyncio.new_event_loop()
+
+
+def _run_floor(scenario: Scenario, path: str, ready: str, loop_kind: str) -> int:
+    from .floor import serve_floor
+
+    loop = _new_loop(loop_kind)
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    try:
+        loop.run_until_complete(serve_floor(scenario, path, lambda: _touch(ready), stop))
+    finally:
+        loop.close()
+        if os.path.exists(path):
+            os.unlink(path)
+    return 0
+
+
+def _run_runner(scenario: Scenario, path: str, ready: str, loop_kind: str) -> int:
+    from runner.app import run
+    from runner.logs import configure_logging
+    from runner.server import RunnerServer
+    from runner.settings import Settings
+
+    from .plugins import build_registry
+
+    registry = build_registry(scenario)
+    settings = Settings(listen=path, event_loop=loop_kind, log_level="warning", plugins=scenario.plugin_options)  # type: ignore[arg-type]
+    configure_logging(settings.log_level)
+
+    async def announce(_server: RunnerServer) -> None:
+        _touch(ready)
+
+    return run(settings, registry, extra=announce)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m bench.servers", description=__doc__)
+    parser.add_argument("--socket", required=True)
+    parser.add_argument("--ready-file", required=True)
+    parser.add_argument("--loop", choices=("asyncio", "uvloop"), default="asyncio")
+    parser.add_argument("--scenario", required=True, help="Scenario as JSON")
+    parser.add_argument("--cpu", type=int, help="pin this process to one CPU")
+    parser.add_argument("--profile", help="write cProfile stats of the whole serving run to this file")
+    args = parser.parse_args(argv)
+    if args.cpu is not None:
+        os.sched_setaffinity(0, {args.cpu})
+    scenario = Scenario.from_json(args.scenario)
+    serve = _run_floor if scenario.server == "floor" else _run_runner
+    if not args.profile:
+        return serve(scenario, args.socket, args.ready_file, args.loop)
+    import cProfile
+
+    profiler = cProfile.Profile()
+    try:
+        return profiler.runcall(serve, scenario, args.socket, args.ready_file, args.loop)
+    finally:
+        profiler.dump_stats(args.profile)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
