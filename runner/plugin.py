@@ -137,7 +137,12 @@ class _ExtraInfoMixin:
         return {n: self._vars[n] for n in names}
 
     async def var(self, name: str) -> str | None:
-        return (await self.vars(name))[name]
+        # Same as ``(await self.vars(name))[name]``, without the batching machinery (hot path).
+        if name in self._vars:
+            return self._vars[name]
+        (raw,) = await self._channel.query([VarQuery(name)])
+        value = self._vars[name] = _text(raw)
+        return value
 
 
 class HTTPRequest(_ExtraInfoMixin):

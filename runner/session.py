@@ -41,6 +41,11 @@ RPCObserver = Callable[[str, str, float], None]
 """Called as ``observer(rpc_type, outcome, seconds)`` after every RPC (metrics hook)."""
 
 _RPC_NAMES = {t.value: t.name.lower() for t in RPCType}
+# Plain ints for the per-frame dispatch (attribute lookups on the IntEnum cost more).
+_PREPARE_CONF = int(RPCType.PREPARE_CONF)
+_HTTP_REQ_CALL = int(RPCType.HTTP_REQ_CALL)
+_EXTRA_INFO = int(RPCType.EXTRA_INFO)
+_HTTP_RESP_CALL = int(RPCType.HTTP_RESP_CALL)
 
 
 @dataclass(frozen=True, slots=True)
@@ -145,18 +150,18 @@ class Session:
 
     # -- frames ---------------------------------------------------------------------------------
     def _on_frame(self, rpc_type: int, payload: bytes) -> None:
-        if rpc_type == RPCType.EXTRA_INFO:
+        if rpc_type == _EXTRA_INFO:
             self._on_extra_info(payload)
             return
         if self._call is not None or self._outstanding:
             raise ProtocolViolation(f"got RPC type {rpc_type} while waiting for ExtraInfo answers")
         if self._discard:
             raise ProtocolViolation(f"got RPC type {rpc_type}, expected {self._discard} more ExtraInfo answers")
-        if rpc_type == RPCType.HTTP_REQ_CALL:
+        if rpc_type == _HTTP_REQ_CALL:
             self._start_call(rpc_type, payload)
-        elif rpc_type == RPCType.PREPARE_CONF:
+        elif rpc_type == _PREPARE_CONF:
             self._prepare(payload)
-        elif rpc_type == RPCType.HTTP_RESP_CALL:
+        elif rpc_type == _HTTP_RESP_CALL:
             self._start_call(rpc_type, payload)
         else:
             self._reply_error(rpc_type, ErrCode.BAD_REQUEST, f"unknown RPC type {rpc_type}", time.perf_counter())
@@ -177,7 +182,7 @@ class Session:
         call_id = 0
         try:
             view: codec.HTTPReqCall | codec.HTTPRespCall
-            if rpc_type == RPCType.HTTP_REQ_CALL:
+            if rpc_type == _HTTP_REQ_CALL:
                 view = codec.decode_http_req_call(payload)
             else:
                 view = codec.decode_http_resp_call(payload)
@@ -194,7 +199,7 @@ class Session:
             return
         call = _Call(rpc_type, call_id, started)
         self._call = call
-        if rpc_type == RPCType.HTTP_REQ_CALL:
+        if rpc_type == _HTTP_REQ_CALL:
             assert isinstance(view, codec.HTTPReqCall)
             coro: Any = _run_request_chain(chain, HTTPRequest(view, self), call)
         else:
@@ -215,8 +220,9 @@ class Session:
             self._fail(call, PluginFailure(f"plugin produced an invalid reply: {type(exc).__name__}: {exc}"))
             return
         self._call = None
-        self._discard += sum(size - len(results) for _, results, size in self._outstanding)
-        self._outstanding.clear()
+        if self._outstanding:
+            self._discard += sum(size - len(results) for _, results, size in self._outstanding)
+            self._outstanding.clear()
         self._write(frame)
         self._observe(call.rpc_type, "ok", call.started)
 
@@ -239,7 +245,10 @@ class Session:
         if not queries:
             pending.set_result([])
             return pending
-        self._write(b"".join(codec.extra_info_query_frame(q) for q in queries))
+        if len(queries) == 1:
+            self._write(codec.extra_info_query_frame(queries[0]))
+        else:
+            self._write(b"".join(codec.extra_info_query_frame(q) for q in queries))
         self._outstanding.append((pending, [], len(queries)))
         return pending
 
@@ -312,7 +321,7 @@ async def _run_response_chain(chain: Chain, response: HTTPResponse, call: _Call)
 
 
 def _reply_frame(call: _Call, result: Any) -> bytes:
-    if call.rpc_type == RPCType.HTTP_REQ_CALL:
+    if call.rpc_type == _HTTP_REQ_CALL:
         if isinstance(result.action, Stop) and not (result.action.status == 0 or 100 <= result.action.status <= 599):
             raise ValueError(f"Stop status {result.action.status} outside 100..599")
         return codec.http_req_call_reply_frame(result)
