@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
 from .httpd import HealthEndpoint
-from .metrics import MetricsSource, RPCStats, build_registry
+from .metrics import MetricsSource, RPCStats, build_registry, live_view
 from .registry import PluginRegistry
 from .server import RunnerServer, StartupError
 from .session import RPCObserver
 from .settings import Settings
+from .sharedconf import SharedConfs
 
 __all__ = ["EXIT_OK", "EXIT_STARTUP_FAILURE", "run", "setup_plugins"]
 
@@ -53,7 +55,7 @@ def _metrics_endpoint(
             ),
             "mtls_guard_connections": ("Open APISIX connections", lambda: float(len(server.connections))),
         }
-        prom = build_registry(stats, gauges, sources)
+        prom = build_registry(live_view(stats, gauges, sources))
         return HealthEndpoint(address, ready=server.ready, metrics=lambda: bytes(generate_latest(prom)))
 
     return build
@@ -78,8 +80,13 @@ def run(
     *,
     observers: Iterable[RPCObserver] = (),
     extra: Callable[[RunnerServer], Awaitable[Any]] | None = None,
+    listen_socket: socket.socket | None = None,
+    shared: SharedConfs | None = None,
 ) -> int:
-    """Serve until SIGTERM/SIGINT; returns the process exit code."""
+    """Serve until SIGTERM/SIGINT; returns the process exit code.
+
+    ``listen_socket``/``shared`` run this process as one worker of runner.supervisor; ``extra`` is a
+    coroutine run beside the server (cancelled at shutdown)."""
     try:
         setup_plugins(registry, settings)
     except StartupError as exc:
@@ -93,7 +100,7 @@ def run(
         except ImportError:
             log.error("event=startup_failed reason='metrics_addr needs the metrics extra (prometheus-client)'")
             return EXIT_STARTUP_FAILURE
-    server = RunnerServer(settings, registry, observers=observers)
+    server = RunnerServer(settings, registry, observers=observers, listen_socket=listen_socket, shared=shared)
 
     async def main() -> int:
         endpoint = None

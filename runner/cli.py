@@ -36,6 +36,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--log-file", help="also write log lines to this file")
     p.add_argument("--call-timeout", type=float, help="seconds a plugin chain may take (default 10)")
     p.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"))
+    p.add_argument("--workers", type=int, help="worker processes (default: number of CPUs)")
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve /metrics, /healthz, /readyz (opt-in)")
     p.set_defaults(command=_run)
 
@@ -48,6 +49,7 @@ def _run(args: argparse.Namespace) -> int:
         "call_timeout": args.call_timeout,
         "event_loop": args.event_loop,
         "metrics_addr": args.metrics_addr,
+        "workers": args.workers,
     }
     try:
         settings = load_settings(environ=os.environ, config_file=args.config, overrides=overrides)
@@ -56,6 +58,10 @@ def _run(args: argparse.Namespace) -> int:
     except (SettingsError, RegistryError, OSError) as exc:
         print(f"mtls-guard: error: {exc}", file=sys.stderr)
         return EXIT_STARTUP_FAILURE
+    if settings.workers > 1:
+        from .supervisor import Supervisor
+
+        return Supervisor(settings, registry).run()
     return run(settings, registry)
 
 

@@ -17,6 +17,7 @@ from .errors import ConfTokenNotFound, InvalidPluginConfig, UnknownPlugin
 from .plugin import Plugin
 from .protocol.messages import ConfEntry, PrepareConfRequest
 from .registry import PluginRegistry
+from .sharedconf import SharedConfs
 
 __all__ = ["Chain", "ChainLink", "ConfStore"]
 
@@ -41,6 +42,7 @@ class _Entry:
     source: tuple[ConfEntry, ...]
     key: str | None
     expires: float
+    shared_touched: float = 0.0
 
 
 class ConfStore:
@@ -59,6 +61,7 @@ class ConfStore:
         clock: Callable[[], float],
         max_compiled: int | None = None,
         first_token: int = 1,
+        shared: SharedConfs | None = None,
     ) -> None:
         if ttl <= 0 or max_entries <= 0:
             raise ValueError("ttl and max_entries must be positive")
@@ -71,6 +74,7 @@ class ConfStore:
         self._compiled: OrderedDict[tuple[str, str], Any] = OrderedDict()
         self._max_compiled = max_compiled or max_entries
         self._next = first_token
+        self._shared = shared
 
     def __len__(self) -> int:
         return len(self._entries)
@@ -91,27 +95,56 @@ class ConfStore:
                     entry.expires = now + self._ttl
                     self._entries.move_to_end(token)
                     return token
-        chain = tuple(self._link(i, e.name, e.value) for i, e in enumerate(request.entries))
-        token = self._new_token()
-        self._entries[token] = _Entry(chain, request.entries, request.key, now + self._ttl)
-        if request.key is not None:
-            self._by_key[request.key] = token
+        chain = self._compile(request.entries)
+        if self._shared is None:
+            token = self._new_token()
+        else:  # other workers must find it too; the shared table allocates the token
+            token = self._shared.allocate(request.entries, request.key, self._ttl)
+        self._remember(token, _Entry(chain, request.entries, request.key, now + self._ttl, now))
+        return token
+
+    def _compile(self, entries: tuple[ConfEntry, ...]) -> Chain:
+        return tuple(self._link(i, e.name, e.value) for i, e in enumerate(entries))
+
+    def _remember(self, token: int, entry: _Entry) -> None:
+        old = self._entries.pop(token, None)
+        if old is not None and old.key is not None and self._by_key.get(old.key) == token:
+            del self._by_key[old.key]
+        self._entries[token] = entry
+        if entry.key is not None:
+            self._by_key[entry.key] = token
         while len(self._entries) > self._max:
             self._drop(next(iter(self._entries)))
-        return token
 
     def lookup(self, token: int) -> Chain:
         """The chain for ``token``, extending its life; ConfTokenNotFound if unknown or expired."""
         entry = self._entries.get(token)
-        if entry is None:
-            raise ConfTokenNotFound(token)
         now = self._clock()
-        if entry.expires <= now:
+        if entry is not None and entry.expires <= now:
             self._drop(token)
-            raise ConfTokenNotFound(token)
+            entry = None
+        if entry is None:
+            if self._shared is None:
+                raise ConfTokenNotFound(token)
+            return self._adopt(token, now)
         entry.expires = now + self._ttl
         self._entries.move_to_end(token)
+        if self._shared is not None and now - entry.shared_touched > self._ttl / 8:
+            self._shared.touch(token, entry.expires)
+            entry.shared_touched = now
         return entry.chain
+
+    def _adopt(self, token: int, now: float) -> Chain:
+        """A token another worker prepared: compile its raw conf here once."""
+        assert self._shared is not None
+        row = self._shared.fetch(token)
+        if row is None:
+            raise ConfTokenNotFound(token)
+        entries, key, _expires = row
+        chain = self._compile(entries)
+        self._shared.touch(token, now + self._ttl)
+        self._remember(token, _Entry(chain, entries, key, now + self._ttl, now))
+        return chain
 
     def _link(self, index: int, name: str, value: str) -> ChainLink:
         plugin = self._registry.get(name)

@@ -13,7 +13,16 @@ from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol, runtime_checkable
 
-__all__ = ["CounterSnapshot", "MetricsSource", "RPCStats", "build_registry"]
+__all__ = [
+    "CounterSnapshot",
+    "MetricsSource",
+    "MetricsView",
+    "RPCStats",
+    "build_registry",
+    "live_view",
+    "merge",
+    "to_json",
+]
 
 # Seconds; the runner answers in tens of microseconds, a slow plugin in up to call_timeout.
 _BUCKETS = (0.00005, 0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.1, 0.5, 1.0, 5.0)
@@ -56,12 +65,70 @@ class RPCStats:
         hist[1][0] += seconds
 
 
-def build_registry(
-    stats: RPCStats,
-    gauges: Mapping[str, tuple[str, Callable[[], float]]],
-    sources: Iterable[MetricsSource],
-) -> Any:
-    """A private CollectorRegistry exposing everything; needs the ``metrics`` extra."""
+@dataclass(frozen=True, slots=True)
+class MetricsView:
+    """Everything one scrape exposes."""
+
+    stats: RPCStats
+    gauges: Mapping[str, tuple[str, float]]
+    counters: tuple[CounterSnapshot, ...]
+
+
+def live_view(
+    stats: RPCStats, gauges: Mapping[str, tuple[str, Callable[[], float]]], sources: Iterable[MetricsSource]
+) -> Callable[[], MetricsView]:
+    """The view of this process, read at scrape time."""
+    source_list = list(sources)
+
+    def read() -> MetricsView:
+        return MetricsView(
+            stats,
+            {name: (doc, value()) for name, (doc, value) in gauges.items()},
+            tuple(snap for source in source_list for snap in source.metrics()),
+        )
+
+    return read
+
+
+def to_json(view: MetricsView) -> dict[str, Any]:
+    """A worker's view, for the supervisor to add up (runner.supervisor)."""
+    return {
+        "rpc": [[t, o, n] for (t, o), n in view.stats.counts.items()],
+        "hist": {t: [counts, total[0]] for t, (counts, total) in view.stats.histograms.items()},
+        "gauges": {name: [doc, value] for name, (doc, value) in view.gauges.items()},
+        "counters": [
+            [c.name, c.documentation, list(c.labels), [[list(k), v] for k, v in c.values.items()]]
+            for c in view.counters
+        ],
+    }
+
+
+def merge(views: Iterable[Mapping[str, Any]]) -> MetricsView:
+    """Sum the workers' views: counters, histograms and gauges (connections, tokens per worker) add up."""
+    stats = RPCStats()
+    gauges: dict[str, tuple[str, float]] = {}
+    counters: dict[str, tuple[str, tuple[str, ...], dict[tuple[str, ...], float]]] = {}
+    for view in views:
+        for rpc_type, outcome, n in view.get("rpc", ()):
+            stats.counts[(rpc_type, outcome)] = stats.counts.get((rpc_type, outcome), 0) + int(n)
+        for rpc_type, (counts, total) in view.get("hist", {}).items():
+            mine = stats.histograms.setdefault(rpc_type, ([0] * (len(_BUCKETS) + 1), [0.0]))
+            for i, n in enumerate(counts[: len(_BUCKETS) + 1]):
+                mine[0][i] += int(n)
+            mine[1][0] += float(total)
+        for name, (doc, value) in view.get("gauges", {}).items():
+            gauges[name] = (doc, gauges.get(name, (doc, 0.0))[1] + float(value))
+        for name, doc, labels, values in view.get("counters", ()):
+            family = counters.setdefault(name, (doc, tuple(labels), {}))
+            for key, value in values:
+                family[2][tuple(key)] = family[2].get(tuple(key), 0.0) + float(value)
+    return MetricsView(
+        stats, gauges, tuple(CounterSnapshot(n, d, labels, v) for n, (d, labels, v) in sorted(counters.items()))
+    )
+
+
+def build_registry(read: Callable[[], MetricsView]) -> Any:
+    """A private CollectorRegistry exposing ``read()`` at each scrape; needs the ``metrics`` extra."""
     from prometheus_client.core import (
         CollectorRegistry,
         CounterMetricFamily,
@@ -71,28 +138,28 @@ def build_registry(
 
     class _Collector:
         def collect(self) -> Iterator[Any]:
+            view = read()
             rpc = CounterMetricFamily("mtls_guard_rpc", "RPCs handled, by type and outcome", labels=["type", "outcome"])
-            for (rpc_type, outcome), n in sorted(stats.counts.items()):
+            for (rpc_type, outcome), n in sorted(view.stats.counts.items()):
                 rpc.add_metric([rpc_type, outcome], n)
             yield rpc
             latency = HistogramMetricFamily(
                 "mtls_guard_rpc_duration_seconds", "Time from an RPC's arrival to its reply", labels=["type"]
             )
-            for rpc_type, (counts, total) in sorted(stats.histograms.items()):
+            for rpc_type, (counts, total) in sorted(view.stats.histograms.items()):
                 cumulative, buckets = 0, []
                 for bound, n in zip((*_BUCKETS, float("inf")), counts, strict=True):
                     cumulative += n
                     buckets.append((_bound(bound), cumulative))
                 latency.add_metric([rpc_type], buckets, sum_value=total[0])
             yield latency
-            for name, (doc, read) in gauges.items():
-                yield GaugeMetricFamily(name, doc, value=read())
-            for source in sources:
-                for snap in source.metrics():
-                    family = CounterMetricFamily(snap.name, snap.documentation, labels=list(snap.labels))
-                    for labels, value in sorted(snap.values.items()):
-                        family.add_metric(list(labels), value)
-                    yield family
+            for name, (doc, value) in view.gauges.items():
+                yield GaugeMetricFamily(name, doc, value=value)
+            for snap in view.counters:
+                family = CounterMetricFamily(snap.name, snap.documentation, labels=list(snap.labels))
+                for labels, value in sorted(snap.values.items()):
+                    family.add_metric(list(labels), value)
+                yield family
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())

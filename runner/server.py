@@ -21,6 +21,7 @@ from .confcache import ConfStore
 from .registry import PluginRegistry
 from .session import RPCObserver, Session, SessionConfig
 from .settings import Settings
+from .sharedconf import SharedConfs
 
 __all__ = ["RunnerServer", "StartupError", "bind_unix_socket"]
 
@@ -110,15 +111,21 @@ class RunnerServer:
         registry: PluginRegistry,
         *,
         observers: Iterable[RPCObserver] = (),
+        listen_socket: socket.socket | None = None,
+        shared: SharedConfs | None = None,
     ) -> None:
+        """``listen_socket``/``shared``: worker mode under runner.supervisor, which owns the socket
+        path (binds it, watches it, removes it) and the shared conf-token table."""
         self.settings = settings
         self.registry = registry
+        self._inherited_socket = listen_socket
         self.store = ConfStore(
             registry,
             ttl=settings.token_ttl,
             max_entries=settings.max_conf_entries,
             clock=time.monotonic,
             first_token=random_first_token(),
+            shared=shared,
         )
         self.session_config = SessionConfig(
             store=self.store,
@@ -146,6 +153,9 @@ class RunnerServer:
         log.info("event=listening path=%s plugins=%s", self.settings.listen, ",".join(self.registry.names))
 
     async def _listen(self) -> None:
+        if self._inherited_socket is not None:
+            self._server = await self.loop.create_unix_server(lambda: _Connection(self), sock=self._inherited_socket)
+            return
         sock = bind_unix_socket(self.settings.listen, self.settings.socket_mode)
         self._socket_inode = os.stat(self.settings.listen).st_ino
         self._server = await self.loop.create_unix_server(lambda: _Connection(self), sock=sock)
@@ -154,7 +164,7 @@ class RunnerServer:
         """Listening, not shutting down, and our socket file is still at its path."""
         if self._server is None or self._stopping.is_set():
             return False
-        return self._socket_intact()
+        return self._inherited_socket is not None or self._socket_intact()
 
     def _socket_intact(self) -> bool:
         try:
@@ -223,7 +233,7 @@ class RunnerServer:
 
     def _unlink(self) -> None:
         # Only our own socket: after a rebind by someone else's process we must not remove theirs.
-        if self._socket_intact():
+        if self._inherited_socket is None and self._socket_intact():
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(self.settings.listen)
 
@@ -231,18 +241,24 @@ class RunnerServer:
         idle_timeout = self.settings.idle_timeout
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL)
-            now = time.perf_counter()
-            mono = time.monotonic()
-            if not self._socket_intact() and not os.path.lexists(self.settings.listen):
-                await self._restore_socket()
-            for conn in list(self.connections):
-                session = conn.session
-                if session is None:
-                    continue
-                if session.busy:
-                    session.enforce_deadline(now)
-                elif idle_timeout and mono - session.last_activity > idle_timeout:
-                    self._close(conn)
+            try:
+                await self._sweep_once(idle_timeout)
+            except Exception:  # a failing sweep must not end deadlines and idle closing for good
+                log.exception("event=sweep_failed")
+
+    async def _sweep_once(self, idle_timeout: float) -> None:
+        now = time.perf_counter()
+        mono = time.monotonic()
+        if self._inherited_socket is None and not self._socket_intact() and not os.path.lexists(self.settings.listen):
+            await self._restore_socket()
+        for conn in list(self.connections):
+            session = conn.session
+            if session is None:
+                continue
+            if session.busy:
+                session.enforce_deadline(now)
+            elif idle_timeout and mono - session.last_activity > idle_timeout:
+                self._close(conn)
 
     def install_signal_handlers(self) -> None:
         """Call before start(): a SIGTERM arriving just after the bind then still exits cleanly."""

@@ -47,6 +47,8 @@ class Settings:
     log_level: LogLevel = "warning"
     log_file: str | None = None
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
+    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
+    """Worker processes sharing the socket (1 = no supervisor process)."""
     metrics_addr: str | None = None
     """HOST:PORT serving /metrics, /healthz and /readyz (opt-in)."""
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
@@ -78,6 +80,7 @@ class Settings:
         _check(1024 <= self.max_frame_bytes <= MAX_PAYLOAD, f"max_frame_bytes must be in [1024, {MAX_PAYLOAD}]")
         _check(self.log_level in _LOG_LEVELS, f"log_level must be one of {', '.join(_LOG_LEVELS)}")
         _check(self.event_loop in _LOOPS, f"event_loop must be one of {', '.join(_LOOPS)}")
+        _check(1 <= self.workers <= 64, "workers must be in [1, 64]")
         if self.metrics_addr is not None:
             try:
                 parse_host_port(self.metrics_addr)
@@ -127,6 +130,7 @@ def _read_file(path: str) -> dict[str, Any]:
 
 
 _NUMBER_TYPES: dict[str, type] = {
+    "workers": int,
     "conf_expire_time": int,
     "max_conf_entries": int,
     "max_frame_bytes": int,

@@ -1,0 +1,310 @@
+"""``--workers N``: one supervisor process owning the socket, N worker processes serving it.
+
+APISIX runs one runner per instance but one nginx worker per core; a single Python process would
+cap the gateway at one core. The supervisor binds the socket once and passes the listening file
+descriptor to N workers (``python -m runner.worker``), so the kernel spreads APISIX's connections
+over them. Conf tokens live in a table shared by all workers (runner.sharedconf): a token prepared
+on one worker works on every other without an extra round trip for APISIX.
+
+The supervisor replaces a worker that dies (with back-off if it keeps dying), re-binds the socket if
+the file is deleted (then rolls the workers onto the new one), serves /metrics (the workers' counters
+added up), /healthz and /readyz when asked, and on SIGTERM stops everything within APISIX's 1 s.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import signal
+import socket
+import stat
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from .app import EXIT_OK, EXIT_STARTUP_FAILURE, setup_plugins
+from .httpd import HealthEndpoint
+from .metrics import MetricsView, build_registry, merge
+from .registry import PluginRegistry
+from .server import StartupError, bind_unix_socket, random_first_token
+from .settings import Settings
+from .sharedconf import SharedConfs
+
+__all__ = ["Supervisor"]
+
+log = logging.getLogger("mtls_guard.runner")
+
+_TICK = 0.1
+# APISIX sends SIGKILL 1 s after SIGTERM: workers get SIGTERM at once and are killed at this mark.
+_STOP_DEADLINE = 0.85
+_MAX_BACKOFF = 5.0
+_HEALTHY_AFTER = 2.0
+
+SETTINGS_FILE = "settings.json"
+CONFS_FILE = "confs.sqlite3"
+
+
+def metrics_file(rundir: str, index: int) -> str:
+    return os.path.join(rundir, f"metrics-{index}.json")
+
+
+def ready_file(rundir: str, index: int) -> str:
+    """Created by a worker once it accepts connections."""
+    return os.path.join(rundir, f"ready-{index}")
+
+
+def _run_dir() -> str:
+    """A private directory for the shared table and metrics (tmpfs when there is one)."""
+    # mkdtemp creates a fresh 0700 directory, so a shared tmpfs is safe here.
+    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # noqa: S108
+    return tempfile.mkdtemp(prefix="mtls-guard-", dir=base)  # mode 0700
+
+
+class _Worker:
+    __slots__ = ("failures", "index", "process", "restart_at", "started")
+
+    def __init__(self, index: int) -> None:
+        self.index = index
+        self.process: subprocess.Popen[bytes] | None = None
+        self.started = 0.0
+        self.failures = 0
+        self.restart_at = 0.0
+
+
+class Supervisor:
+    def __init__(self, settings: Settings, registry: PluginRegistry) -> None:
+        self.settings = settings
+        self.registry = registry
+        self.workers = [_Worker(i) for i in range(settings.workers)]
+        self._rundir = ""
+        self._sock: socket.socket | None = None
+        self._inode: int | None = None
+        self._stopping = asyncio.Event()
+        self._republish = False
+        self._early_stop = False
+
+    # -- lifecycle ----------------------------------------------------------------------------
+    def run(self) -> int:
+        # Until the event loop takes over, a SIGTERM only records the wish to stop: dying from
+        # the default action would leave a socket or worker processes behind.
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, self._early_signal)
+        try:
+            setup_plugins(self.registry, self.settings)  # fail before binding, in one clear line
+            self._rundir = _run_dir()
+            SharedConfs.initialise(os.path.join(self._rundir, CONFS_FILE), random_first_token())
+            worker_settings = dataclasses.replace(self.settings, metrics_addr=None)
+            Path(self._rundir, SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(worker_settings)))
+        except (StartupError, OSError) as exc:
+            log.error("event=startup_failed reason=%r", str(exc))
+            self._cleanup()
+            return EXIT_STARTUP_FAILURE
+        loop = asyncio.new_event_loop()
+        try:
+            return loop.run_until_complete(self._main())
+        finally:
+            loop.close()
+            self._cleanup()
+
+    def _early_signal(self, signum: int, frame: object) -> None:
+        self._early_stop = True
+
+    async def _main(self) -> int:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        if self._early_stop:
+            self._stopping.set()
+        endpoint = None
+        try:
+            if self.settings.metrics_addr is not None:
+                endpoint = self._endpoint(self.settings.metrics_addr)
+                await endpoint.start()
+            self._check_path()
+            self._bind()
+            for worker in self.workers:
+                self._spawn(worker)
+            await self._publish()
+        except (StartupError, OSError, ImportError) as exc:
+            log.error("event=startup_failed reason=%r", str(exc))
+            await self._stop_all()
+            if endpoint is not None:
+                await endpoint.close()
+            return EXIT_STARTUP_FAILURE
+        log.info("event=listening path=%s workers=%d", self.settings.listen, len(self.workers))
+        try:
+            while not self._stopping.is_set():
+                with contextlib.suppress(TimeoutError):
+                    await asyncio.wait_for(self._stopping.wait(), _TICK)
+                if not self._stopping.is_set():
+                    self._watch()
+                if self._republish:
+                    self._republish = False
+                    try:
+                        await self._publish()
+                    except (StartupError, OSError) as exc:
+                        log.error("event=socket_rebind_failed reason=%r", str(exc))
+        finally:
+            await self._stop_all()
+            if endpoint is not None:
+                await endpoint.close()
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.remove_signal_handler(sig)
+        return EXIT_OK
+
+    def _check_path(self) -> None:
+        """Refuse, before any work, to replace something at the socket path that is not a socket."""
+        try:
+            st = os.lstat(self.settings.listen)
+        except FileNotFoundError:
+            return
+        if not stat.S_ISSOCK(st.st_mode):
+            raise StartupError(f"socket path {self.settings.listen} exists and is not a socket; refusing to replace it")
+
+    def _staging_path(self) -> str | None:
+        """Where to bind before publishing: next to the real path (rename cannot cross file
+        systems), or None when that name would not fit AF_UNIX's 108 bytes."""
+        directory, name = os.path.split(self.settings.listen)
+        staging = os.path.join(directory, f".{name}.{os.getpid()}.new")
+        return staging if len(os.fsencode(staging)) < 108 else None
+
+    def _bind(self) -> None:
+        """Bind under a staging name; the socket appears at its real path only once a worker
+        accepts (``_publish``), so APISIX never queues calls that no process will take yet."""
+        path = self._staging_path() or self.settings.listen
+        self._sock = bind_unix_socket(path, self.settings.socket_mode)
+        self._sock.set_inheritable(True)
+        self._inode = os.stat(path).st_ino
+
+    async def _publish(self, timeout: float = 15.0) -> None:
+        """Wait until at least one worker serves, then move the socket to its path in one step
+        (rename replaces a stale socket atomically: there is no moment without a socket)."""
+        deadline = time.monotonic() + timeout
+        while not any(os.path.exists(ready_file(self._rundir, w.index)) for w in self.workers):
+            if self._stopping.is_set():
+                return
+            if all(w.process is not None and w.process.poll() is not None for w in self.workers):
+                raise StartupError("every worker exited during start-up (see the lines above)")
+            if time.monotonic() > deadline:
+                raise StartupError(f"no worker was ready within {timeout:g}s")
+            await asyncio.sleep(0.01)
+        staging = self._staging_path()
+        if staging is not None:
+            self._check_path()
+            os.rename(staging, self.settings.listen)
+
+    def _spawn(self, worker: _Worker) -> None:
+        assert self._sock is not None
+        fd = self._sock.fileno()
+        worker.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+            [sys.executable, "-m", "runner.worker", self._rundir, str(worker.index), str(fd), str(os.getpid())],
+            pass_fds=(fd,),
+        )
+        worker.started = time.monotonic()
+
+    # -- supervision --------------------------------------------------------------------------
+    def _watch(self) -> None:
+        now = time.monotonic()
+        if not self._socket_intact() and not os.path.lexists(self.settings.listen):
+            self._rebind()
+        for worker in self.workers:
+            process = worker.process
+            if process is not None:
+                code = process.poll()
+                if code is None:
+                    continue
+                worker.process = None
+                quick = now - worker.started < _HEALTHY_AFTER
+                worker.failures = worker.failures + 1 if quick else 0
+                delay = min(_MAX_BACKOFF, 0.1 * 2**worker.failures) if worker.failures else 0.0
+                worker.restart_at = now + delay
+                log.error("event=worker_exited worker=%d code=%s restart_in=%.1fs", worker.index, code, delay)
+            if worker.process is None and now >= worker.restart_at:
+                self._spawn(worker)
+
+    def _socket_intact(self) -> bool:
+        try:
+            st = os.lstat(self.settings.listen)
+        except OSError:
+            return False
+        return stat.S_ISSOCK(st.st_mode) and st.st_ino == self._inode
+
+    def _rebind(self) -> None:
+        """The socket file was deleted: bind a new one and move the workers over one by one
+        (each old worker drains its connections; its replacement serves the new socket)."""
+        log.warning("event=socket_missing path=%s action=rebind", self.settings.listen)
+        old = self._sock
+        try:
+            self._bind()
+        except StartupError as exc:
+            log.error("event=socket_rebind_failed reason=%r", str(exc))
+            return
+        for worker in self.workers:
+            if worker.process is not None:
+                worker.process.send_signal(signal.SIGTERM)
+                try:
+                    worker.process.wait(timeout=_STOP_DEADLINE)
+                except subprocess.TimeoutExpired:
+                    worker.process.kill()
+                    worker.process.wait()
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(ready_file(self._rundir, worker.index))
+            worker.failures = 0
+            self._spawn(worker)
+        if old is not None:
+            old.close()
+        self._republish = True
+
+    def ready(self) -> bool:
+        alive = any(w.process is not None and w.process.poll() is None for w in self.workers)
+        return alive and not self._stopping.is_set() and self._socket_intact()
+
+    async def _stop_all(self) -> None:
+        started = time.monotonic()
+        if self._socket_intact():
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(self.settings.listen)
+        if self._sock is not None:
+            self._sock.close()
+        running = [w.process for w in self.workers if w.process is not None and w.process.poll() is None]
+        for process in running:
+            with contextlib.suppress(ProcessLookupError):
+                process.send_signal(signal.SIGTERM)
+        while running and time.monotonic() - started < _STOP_DEADLINE:
+            await asyncio.sleep(0.01)
+            running = [p for p in running if p.poll() is None]
+        for process in running:
+            log.error("event=worker_killed pid=%d reason='no exit within %.2fs'", process.pid, _STOP_DEADLINE)
+            with contextlib.suppress(ProcessLookupError):
+                process.kill()
+            process.wait()
+        log.info("event=stopped drained_in=%.3fs", time.monotonic() - started)
+
+    def _cleanup(self) -> None:
+        staging = self._staging_path()
+        if staging is not None and os.path.lexists(staging):
+            with contextlib.suppress(OSError):
+                os.unlink(staging)
+        if self._rundir:
+            shutil.rmtree(self._rundir, ignore_errors=True)
+
+    # -- metrics ------------------------------------------------------------------------------
+    def _endpoint(self, address: str) -> HealthEndpoint:
+        from prometheus_client import generate_latest
+
+        registry = build_registry(self._merged_view)
+        return HealthEndpoint(address, ready=self.ready, metrics=lambda: bytes(generate_latest(registry)))
+
+    def _merged_view(self) -> MetricsView:
+        views = []
+        for worker in self.workers:
+            with contextlib.suppress(OSError, ValueError):
+                views.append(json.loads(Path(metrics_file(self._rundir, worker.index)).read_text()))
+        return merge(views)

@@ -1,0 +1,104 @@
+"""One worker process of runner.supervisor: ``python -m runner.worker RUNDIR INDEX FD SUPERVISOR_PID``.
+
+It serves the listening socket it inherited (FD) with the settings the supervisor wrote into its
+private run directory, shares conf tokens through the table there, writes its metrics there for the
+supervisor to add up, and exits when the supervisor is gone (so a SIGKILLed supervisor leaves no
+orphans serving a socket nobody manages).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+from .app import EXIT_STARTUP_FAILURE, run
+from .logs import configure_logging
+from .metrics import MetricsSource, RPCStats, live_view, to_json
+from .registry import PluginRegistry, RegistryError
+from .server import RunnerServer
+from .settings import Settings, SettingsError
+from .sharedconf import SharedConfs, SharedConfsError
+from .supervisor import CONFS_FILE, SETTINGS_FILE, metrics_file, ready_file
+
+_METRICS_INTERVAL = 1.0
+_PARENT_CHECK = 0.25
+
+
+def _write_atomically(path: str, text: str) -> None:
+    tmp = f"{path}.tmp"
+    Path(tmp).write_text(text)
+    os.replace(tmp, path)
+
+
+def _die_with_parent() -> None:
+    """Ask Linux for SIGTERM when the supervisor dies (prctl PR_SET_PDEATHSIG), so a killed
+    supervisor's workers stop accepting at once; elsewhere the periodic parent check does it."""
+    with contextlib.suppress(OSError, AttributeError):
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # 1 = PR_SET_PDEATHSIG
+
+
+def main(argv: list[str]) -> int:
+    rundir, index, fd, parent = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
+    _die_with_parent()
+    if os.getppid() != parent:  # the supervisor died while this worker was starting
+        shutil.rmtree(rundir, ignore_errors=True)
+        return EXIT_STARTUP_FAILURE
+    try:
+        settings = Settings(**json.loads(Path(rundir, SETTINGS_FILE).read_text()))
+        configure_logging(settings.log_level, settings.log_file)
+        registry = PluginRegistry.discover()
+        shared = SharedConfs(
+            os.path.join(rundir, CONFS_FILE), max_entries=settings.max_conf_entries, clock=time.monotonic
+        )
+    except (OSError, ValueError, SettingsError, RegistryError, SharedConfsError) as exc:
+        print(f"mtls-guard: worker {index}: {exc}", file=sys.stderr)
+        return EXIT_STARTUP_FAILURE
+    stats = RPCStats()
+    sources = [p for p in registry if isinstance(p, MetricsSource)]
+
+    async def beside(server: RunnerServer) -> None:
+        gauges = {
+            "mtls_guard_conf_tokens": ("Conf tokens cached (summed over workers)", lambda: float(len(server.store))),
+            "mtls_guard_compiled_confs": (
+                "Distinct compiled plugin configs (summed over workers)",
+                lambda: float(server.store.compiled_count),
+            ),
+            "mtls_guard_connections": ("Open APISIX connections", lambda: float(len(server.connections))),
+        }
+        Path(ready_file(rundir, index)).touch()  # the server is accepting: the supervisor may publish
+        view = live_view(stats, gauges, sources)
+        target = metrics_file(rundir, index)
+        last = 0.0
+        while True:
+            await asyncio.sleep(_PARENT_CHECK)
+            if os.getppid() != parent:
+                server.stop()  # the supervisor was killed: nobody manages the socket any more
+                return
+            now = time.monotonic()
+            if now - last >= _METRICS_INTERVAL:
+                last = now
+                with contextlib.suppress(OSError):
+                    _write_atomically(target, json.dumps(to_json(view())))
+
+    sock = socket.socket(fileno=fd)
+    try:
+        return run(settings, registry, observers=[stats], extra=beside, listen_socket=sock, shared=shared)
+    finally:
+        shared.close()
+        if os.getppid() != parent:  # the supervisor was killed and cannot clean up after itself
+            shutil.rmtree(rundir, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
