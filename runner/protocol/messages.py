@@ -13,8 +13,8 @@ from enum import IntEnum
 from typing import TypeAlias
 
 __all__ = [
-    "METHOD_NAMES",
     "MAX_PAYLOAD",
+    "METHOD_NAMES",
     "ConfEntry",
     "ErrCode",
     "ErrorReply",
@@ -26,10 +26,10 @@ __all__ = [
     "Pairs",
     "PrepareConfReply",
     "PrepareConfRequest",
+    "RPCType",
     "ReqBodyQuery",
     "RespBodyQuery",
     "Rewrite",
-    "RPCType",
     "Stop",
     "VarQuery",
 ]
@@ -143,13 +143,7 @@ class Rewrite:
     body: bytes | None = None
 
     def is_empty(self) -> bool:
-        return (
-            self.path is None
-            and not self.headers
-            and not self.args
-            and not self.resp_headers
-            and not self.body
-        )
+        return self.path is None and not self.headers and not self.args and not self.resp_headers and not self.body
 
 
 @dataclass(frozen=True, slots=True)
