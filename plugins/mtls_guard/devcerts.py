@@ -127,9 +127,7 @@ class CertFactory:
             .not_valid_before(not_before)
             .not_valid_after(not_after)
             .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-            .add_extension(
-                x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()), critical=False
-            )
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(signing_key.public_key()), critical=False)
         )
         for ext, critical in extensions:
             builder = builder.add_extension(ext, critical=critical)
