@@ -1,403 +1,99 @@
 """Minimal FlatBuffers reader and writer for the A6 schema (private to runner.protocol).
 
 The generated ``A6`` accessors cost ~0.5 ms per request (runner.md §1.4), so messages are read
-with ``struct`` straight from the payload and written front to back into one ``bytearray``.
-
-Reader: every offset is checked against the buffer before it is followed, so malformed input
-raises :class:`DecodeError` and nothing else. Alignment is not checked on read: ``struct`` reads
-unaligned data correctly, so the check would cost time without protecting anything.
-
-Writer: layout is ``[frame header][root uoffset][vtable][table][children...]``. Children always
-come after the field that points to them, so every uoffset is positive; the vtable precedes its
-table, so its (signed) soffset is positive too. Tables, strings and vectors start 4-aligned and
-fields are placed largest first, so every scalar is aligned to its size.
+with ``struct`` straight from the payload (``_flat_read``) and written front to back into one
+``bytearray`` (``_flat_write``). This module is the one namespace both sides of the codec use:
+it re-exports the reader and writer, and holds the A6 conventions that ``codec`` (runner side)
+and ``_peer`` (APISIX side) share, so neither has to import the other's private helpers.
 """
 
 from __future__ import annotations
 
-import struct
-from collections.abc import Callable, Iterable, Sequence
-from functools import cache
-from typing import Final, NamedTuple, TypeAlias
-
-from .messages import MAX_PAYLOAD, Pairs
-
-
-class DecodeError(ValueError):
-    """The peer sent bytes that are not a valid message (maps to Err BAD_REQUEST / closing)."""
-
-
-class FrameTooLarge(DecodeError):
-    """A frame announced (or an encoder was asked for) more than the allowed payload size."""
-
-
-# Public under runner.protocol.codec; say so in tracebacks and pickles.
-DecodeError.__module__ = FrameTooLarge.__module__ = "runner.protocol.codec"
-
-_U32: Final = struct.Struct("<I").unpack_from
-_I32: Final = struct.Struct("<i").unpack_from
-_U16: Final = struct.Struct("<H").unpack_from
-_U16X2: Final = struct.Struct("<HH").unpack_from
-_ENTRY_HEAD: Final = struct.Struct("<iII").pack
-_ENTRY_HEAD_V: Final = struct.Struct("<iIII").pack
-_PACK_U32: Final = struct.Struct("<I").pack
-_PACK_I32: Final = struct.Struct("<i").pack
-_ZEROS: Final = tuple(bytes(k) for k in range(8))
-
-
-@cache
-def _unpack_u16s(count: int) -> struct.Struct:
-    return struct.Struct(f"<{count}H")
-
-
-def _unpack_u32s(buf: bytes, pos: int, count: int) -> tuple[int, ...]:
-    return struct.unpack_from(f"<{count}I", buf, pos)
-
-
-# --- reading ---------------------------------------------------------------------------------
-
-
-def table(buf: bytes, pos: int, sizes: tuple[int, ...]) -> list[int]:
-    """Open the table at ``pos``; return the absolute position of each field in ``sizes``, 0 if absent.
-
-    ``sizes`` gives the inline byte size of slots 0..n-1; each present field must lie inside
-    the table's declared inline size, which itself lies inside the buffer. After this check,
-    scalars can be read at the returned positions without further bounds checks.
-    """
-    n = len(buf)
-    if pos + 4 > n:
-        raise DecodeError("table offset out of range")
-    vt = pos - _I32(buf, pos)[0]
-    if vt < 0 or vt + 4 > n:
-        raise DecodeError("vtable offset out of range")
-    vtsize, tsize = _U16X2(buf, vt)
-    if vtsize < 4 or vtsize & 1 or vt + vtsize > n or tsize < 4 or pos + tsize > n:
-        raise DecodeError("bad vtable")
-    want = len(sizes)
-    have = min(want, (vtsize - 4) >> 1)
-    fields = [0] * want
-    if have:
-        for i, off in enumerate(_unpack_u16s(have).unpack_from(buf, vt + 4)):
-            if off:
-                if off < 4 or off + sizes[i] > tsize:
-                    raise DecodeError("field outside its table")
-                fields[i] = pos + off
-    return fields
-
-
-def root(buf: bytes, sizes: tuple[int, ...]) -> list[int]:
-    """Open the root table of a payload (see :func:`table`)."""
-    if len(buf) < 4:
-        raise DecodeError("payload shorter than a root offset")
-    return table(buf, _U32(buf, 0)[0], sizes)
-
-
-def sub_table(buf: bytes, field: int, sizes: tuple[int, ...]) -> list[int]:
-    """Open the table referenced by the uoffset field at ``field``."""
-    return table(buf, field + _U32(buf, field)[0], sizes)
-
-
-def _vector(buf: bytes, field: int, elem_size: int) -> tuple[int, int]:
-    """Position of the first element and the length of the vector referenced by ``field``."""
-    first = field + _U32(buf, field)[0] + 4
-    if first > len(buf):
-        raise DecodeError("vector offset out of range")
-    count: int = _U32(buf, first - 4)[0]
-    if first + elem_size * count > len(buf):
-        raise DecodeError("truncated vector")
-    return first, count
-
-
-def byte_vector(buf: bytes, field: int) -> bytes:
-    """Read the ``[ubyte]`` referenced by the uoffset field at ``field``."""
-    first, count = _vector(buf, field, 1)
-    return buf[first : first + count]
-
-
-def _span(buf: bytes, field: int) -> tuple[int, int]:
-    """Start and end of the bytes of the string referenced by ``field``."""
-    start = field + _U32(buf, field)[0] + 4
-    if start > len(buf):
-        raise DecodeError("string offset out of range")
-    end: int = start + _U32(buf, start - 4)[0]
-    # The NUL terminator is part of the format; its absence means the string was cut short.
-    if end >= len(buf) or buf[end]:
-        raise DecodeError("truncated string")
-    return start, end
-
-
-def string(buf: bytes, field: int, errors: str = "surrogateescape") -> str:
-    """Read the string referenced by ``field``.
-
-    HTTP data (paths, header and arg names/values) may carry bytes that are not UTF-8; they are
-    decoded with ``surrogateescape`` so that re-encoding with the same handler restores them
-    exactly. Identifiers the runner interprets (conf entries, var names) use ``errors="strict"``
-    and a non-UTF-8 string is then a :class:`DecodeError`.
-    """
-    start, end = _span(buf, field)
-    try:
-        return buf[start:end].decode("utf-8", errors)
-    except UnicodeDecodeError as exc:
-        raise DecodeError("string is not UTF-8") from exc
-
-
-_Shapes = dict[int, tuple[int, int, int]]
-
-
-def _entry(buf: bytes, t: int, shapes: _Shapes) -> tuple[int, int]:
-    """Positions of the name and value fields of the TextEntry table at ``t`` (value 0 if absent).
-
-    Builders share one vtable between entries of the same shape, so ``shapes`` remembers each
-    vtable already validated.
-    """
-    if t + 4 > len(buf):
-        raise DecodeError("table offset out of range")
-    vt = t - _I32(buf, t)[0]
-    shape = shapes.get(vt)
-    if shape is None:
-        shape = shapes[vt] = _entry_shape(buf, vt)
-    name_off, value_off, tsize = shape
-    if t + tsize > len(buf):
-        raise DecodeError("bad vtable")
-    return t + name_off, t + value_off if value_off else 0
-
-
-def _entry_shape(buf: bytes, vt: int) -> tuple[int, int, int]:
-    if vt < 0 or vt + 4 > len(buf):
-        raise DecodeError("vtable offset out of range")
-    vtsize, tsize = _U16X2(buf, vt)
-    if vtsize < 4 or vtsize & 1 or vt + vtsize > len(buf) or tsize < 4:
-        raise DecodeError("bad vtable")
-    slots = (vtsize - 4) >> 1
-    name_off = _U16(buf, vt + 4)[0] if slots >= 1 else 0
-    value_off = _U16(buf, vt + 6)[0] if slots >= 2 else 0
-    if not name_off:
-        raise DecodeError("TextEntry without a name")
-    for off in (name_off, value_off):
-        if off and (off < 4 or off + 4 > tsize):
-            raise DecodeError("field outside its table")
-    return name_off, value_off, tsize
-
-
-def text_entries(buf: bytes, field: int, errors: str = "surrogateescape") -> Pairs:
-    """Read a ``[TextEntry]`` in one pass; an entry without ``value`` gives ``None``.
-
-    This loop is most of the cost of decoding a request, so :func:`_entry` and :func:`_span`
-    are inlined here (a third faster); the checks are the same.
-    """
-    first, count = _vector(buf, field, 4)
-    n = len(buf)
-    shapes: _Shapes = {}
-    out: list[tuple[str, str | None]] = []
-    append = out.append
-    u32, i32 = _U32, _I32
-    slot = first
-    try:
-        for rel in _unpack_u32s(buf, first, count):
-            t = slot + rel
-            slot += 4
-            if t + 4 > n:
-                raise DecodeError("table offset out of range")
-            vt = t - i32(buf, t)[0]
-            shape = shapes.get(vt)
-            if shape is None:
-                shape = shapes[vt] = _entry_shape(buf, vt)
-            name_off, value_off, tsize = shape
-            if t + tsize > n:
-                raise DecodeError("bad vtable")
-            start = t + name_off
-            start += u32(buf, start)[0] + 4
-            if start > n:
-                raise DecodeError("string offset out of range")
-            end = start + u32(buf, start - 4)[0]
-            if end >= n or buf[end]:
-                raise DecodeError("truncated string")
-            name = buf[start:end].decode("utf-8", errors)
-            if value_off:
-                start = t + value_off
-                start += u32(buf, start)[0] + 4
-                if start > n:
-                    raise DecodeError("string offset out of range")
-                end = start + u32(buf, start - 4)[0]
-                if end >= n or buf[end]:
-                    raise DecodeError("truncated string")
-                append((name, buf[start:end].decode("utf-8", errors)))
-            else:
-                append((name, None))
-    except UnicodeDecodeError as exc:
-        raise DecodeError("string is not UTF-8") from exc
-    return tuple(out)
-
-
-def find_entry(buf: bytes, field: int, wanted: bytes) -> str | None:
-    """Value of the first TextEntry whose name equals ``wanted`` (ASCII case-insensitive), or None.
-
-    Reads only names until it finds a match, so one lookup costs much less than
-    :func:`text_entries`; entries after the match are not validated.
-    """
-    first, count = _vector(buf, field, 4)
-    shapes: _Shapes = {}
-    size = len(wanted)
-    slot = first
-    for rel in _unpack_u32s(buf, first, count):
-        name_field, value_field = _entry(buf, slot + rel, shapes)
-        slot += 4
-        start, end = _span(buf, name_field)
-        if end - start == size and buf[start:end].lower() == wanted:
-            if not value_field:
-                return None
-            start, end = _span(buf, value_field)
-            return buf[start:end].decode("utf-8", "surrogateescape")
-    return None
-
-
-# --- writing ---------------------------------------------------------------------------------
-
-
-class Layout(NamedTuple):
-    """Precomputed shape of a table: vtable bytes (4-padded), inline offset per slot, padded size."""
-
-    vtable: bytes
-    offsets: dict[int, int]
-    size: int
-
-
-@cache
-def layout(fields: tuple[tuple[int, int], ...]) -> Layout:
-    """Layout for a table whose present fields are ``(slot, inline_size)`` pairs."""
-    offsets: dict[int, int] = {}
-    pos = 4  # the soffset to the vtable comes first
-    for slot, size in sorted(fields, key=lambda f: -f[1]):
-        offsets[slot] = pos
-        pos += size
-    nslots = max(offsets, default=-1) + 1
-    vt = [4 + 2 * nslots, pos, *(offsets.get(s, 0) for s in range(nslots))]
-    raw = struct.pack(f"<{len(vt)}H", *vt)
-    return Layout(raw + _ZEROS[-len(raw) & 3], offsets, (pos + 3) & ~3)
-
-
-def new_frame() -> bytearray:
-    """A buffer holding room for the frame header and the root uoffset."""
-    return bytearray(8)
-
-
-def finish(out: bytearray, rpc_type: int, root_pos: int) -> bytes:
-    """Fill in the root uoffset and frame header; return the whole frame."""
-    n = len(out) - 4
-    if n > MAX_PAYLOAD:
-        raise FrameTooLarge(f"payload of {n} bytes exceeds {MAX_PAYLOAD}")
-    struct.pack_into("<I", out, 4, root_pos - 4)
-    struct.pack_into(">I", out, 0, rpc_type << 24 | n)
-    return bytes(out)
-
-
-def put_table(out: bytearray, lay: Layout) -> int:
-    """Append a zeroed table (vtable first); return its position. ``len(out)`` must be 4-aligned."""
-    out += lay.vtable
-    t = len(out)
-    out += _PACK_I32(len(lay.vtable))
-    out += _ZEROS[4] * ((lay.size - 4) >> 2)
-    return t
-
-
-def put_string(out: bytearray, data: bytes) -> int:
-    """Append a NUL-terminated string; return its position. Keeps ``len(out)`` 4-aligned."""
-    pos = len(out)
-    size = len(data)
-    out += _PACK_U32(size)
-    out += data
-    out += _ZEROS[((size + 8) & ~3) - 4 - size]
-    return pos
-
-
-def put_bytes(out: bytearray, data: bytes | bytearray | memoryview) -> int:
-    """Append a ``[ubyte]`` vector; return its position. Keeps ``len(out)`` 4-aligned."""
-    pos = len(out)
-    size = len(data)
-    out += _PACK_U32(size)
-    out += data
-    out += _ZEROS[-size & 3]
-    return pos
-
-
-# Shared TextEntry vtables: with and without a value (slot 1 offset 0 = absent).
-_VT_VALUE: Final = struct.pack("<4H", 8, 12, 4, 8)
-_VT_FLAG: Final = struct.pack("<4H", 8, 8, 4, 0)
-
-
-def put_entries(out: bytearray, pairs: Iterable[tuple[str, str | None]]) -> int:
-    """Append a ``[TextEntry]`` vector; return its position. Strings are surrogateescape-encoded."""
-    items = [
-        (k.encode("utf-8", "surrogateescape"), None if v is None else v.encode("utf-8", "surrogateescape"))
-        for k, v in pairs
-    ]
-    vt_value = len(out)
-    out += _VT_VALUE
-    vt_flag = len(out)
-    out += _VT_FLAG
-    vec = len(out)
-    count = len(items)
-    out += _PACK_U32(count)
-    out += bytes(4 * count)
-    rels = []
-    slot = vec + 4
-    for name, value in items:
-        t = len(out)
-        nlen = len(name)
+from collections.abc import Sequence
+
+from ._flat_read import (
+    DecodeError,
+    FrameTooLarge,
+    byte_vector,
+    find_entry,
+    root,
+    string,
+    sub_table,
+    table,
+    text_entries,
+)
+from ._flat_write import (
+    Child,
+    Layout,
+    finish,
+    layout,
+    new_frame,
+    put_bytes,
+    put_entries,
+    put_object,
+    put_string,
+    put_table,
+)
+from .messages import Pairs
+
+__all__ = [
+    "ACTION_NONE",
+    "ACTION_REWRITE",
+    "ACTION_STOP",
+    "INFO_REQ_BODY",
+    "INFO_RESP_BODY",
+    "INFO_VAR",
+    "Child",
+    "DecodeError",
+    "FrameTooLarge",
+    "Layout",
+    "build_frame",
+    "byte_vector",
+    "check_uint",
+    "entries_or_empty",
+    "find_entry",
+    "finish",
+    "layout",
+    "new_frame",
+    "put_bytes",
+    "put_entries",
+    "put_object",
+    "put_string",
+    "put_table",
+    "root",
+    "string",
+    "sub_table",
+    "table",
+    "text_entries",
+    "valued",
+]
+
+# Union type tags: HTTPReqCall.Resp.action (Action) and ExtraInfo.Req.info (Info); 0 is NONE.
+ACTION_NONE, ACTION_STOP, ACTION_REWRITE = range(3)
+INFO_VAR, INFO_REQ_BODY, INFO_RESP_BODY = 1, 2, 3
+
+
+def check_uint(value: int, bits: int, what: str) -> int:
+    """``value`` if it fits in an unsigned ``bits``-bit field (put_object leaves range checks to callers)."""
+    if not 0 <= value < 1 << bits:
+        raise ValueError(f"{what} {value} does not fit in uint{bits}")
+    return value
+
+
+def valued(pairs: Pairs, what: str) -> tuple[tuple[str, str], ...]:
+    """``pairs`` once every entry is known to carry a value (else :class:`DecodeError`)."""
+    for _, value in pairs:
         if value is None:
-            out += _ENTRY_HEAD(t - vt_flag, 4, nlen)
-            out += name
-            out += _ZEROS[((nlen + 8) & ~3) - 4 - nlen]
-        else:
-            padded = (nlen + 8) & ~3
-            vlen = len(value)
-            out += _ENTRY_HEAD_V(t - vt_value, 8, 4 + padded, nlen)
-            out += name
-            out += _ZEROS[padded - 4 - nlen]
-            out += _PACK_U32(vlen)
-            out += value
-            out += _ZEROS[((vlen + 8) & ~3) - 4 - vlen]
-        rels.append(t - slot)
-        slot += 4
-    if count:
-        struct.pack_into(f"<{count}I", out, vec + 4, *rels)
-    return vec
+            raise DecodeError(f"{what} entry without a value")
+    return pairs  # type: ignore[return-value]  # checked above: no None values
 
 
-Child: TypeAlias = str | bytes | bytearray | memoryview | Pairs | Callable[[bytearray], int]
-"""What a uoffset field points to: a string, a ``[ubyte]``, a ``[TextEntry]``, or a writer
-callback that appends a table (for union members) and returns its position."""
-
-_PUT_U32: Final = struct.Struct("<I").pack_into
-_PUT_SCALAR: Final = {4: _PUT_U32, 2: struct.Struct("<H").pack_into}
+def entries_or_empty(buf: bytes, field: int, errors: str = "surrogateescape") -> Pairs:
+    """The ``[TextEntry]`` at ``field``, or ``()`` when the field is absent (0)."""
+    return text_entries(buf, field, errors) if field else ()
 
 
-def put_object(out: bytearray, scalars: Sequence[tuple[int, int, int]], refs: Sequence[tuple[int, Child]]) -> int:
-    """Append a table with ``scalars`` as ``(slot, size, value)`` and ``refs`` as ``(slot, child)``.
-
-    Children are appended after the table in the order given. Returns the table's position.
-    Range checks on scalar values are the caller's job.
-    """
-    key = [(slot, size) for slot, size, _ in scalars]
-    key += [(slot, 4) for slot, _ in refs]
-    lay = layout(tuple(key))
-    t = put_table(out, lay)
-    offsets = lay.offsets
-    for slot, size, value in scalars:
-        if size == 1:
-            out[t + offsets[slot]] = value
-        else:
-            _PUT_SCALAR[size](out, t + offsets[slot], value)
-    for slot, child in refs:
-        kind = type(child)
-        if kind is str:
-            pos = put_string(out, child.encode("utf-8", "surrogateescape"))  # type: ignore[union-attr]
-        elif kind is bytes or isinstance(child, (bytearray, memoryview)):
-            pos = put_bytes(out, child)  # type: ignore[arg-type]
-        elif isinstance(child, (tuple, list)):
-            pos = put_entries(out, child)
-        else:
-            pos = child(out)  # type: ignore[operator]
-        field = t + offsets[slot]
-        _PUT_U32(out, field, pos - field)
-    return t
+def build_frame(rpc_type: int, scalars: Sequence[tuple[int, int, int]], refs: Sequence[tuple[int, Child]]) -> bytes:
+    """A whole frame whose root table is ``put_object(scalars, refs)``."""
+    out = new_frame()
+    return finish(out, rpc_type, put_object(out, scalars, refs))

@@ -2,7 +2,8 @@
 
 No I/O here: :class:`FrameDecoder` splits a byte stream into frames, ``decode_*`` turn payloads
 into messages, and ``*_frame`` encoders return whole frames ready to write. Both sides of the
-conversation are covered so tests and benchmarks can play APISIX.
+conversation are covered so tests and benchmarks can play APISIX (that side is implemented in
+``_peer`` and re-exported here).
 
 Decoding is strict: any malformed payload raises :class:`DecodeError` (never ``IndexError``,
 ``struct.error`` or ``UnicodeDecodeError``). HTTP text (path, header and arg names and values)
@@ -19,7 +20,33 @@ from functools import partial
 from typing import Final
 
 from . import _flat
-from ._flat import DecodeError, FrameTooLarge
+from ._flat import (
+    ACTION_REWRITE,
+    ACTION_STOP,
+    INFO_REQ_BODY,
+    INFO_RESP_BODY,
+    INFO_VAR,
+    DecodeError,
+    FrameTooLarge,
+    build_frame,
+    check_uint,
+    entries_or_empty,
+    valued,
+)
+
+# APISIX's side of the conversation (tests, benchmarks, runner.testing) lives in _peer; its
+# public home is here, so ``codec.http_req_call_frame`` and friends keep working.
+from ._peer import (
+    decode_error,
+    decode_extra_info_query,
+    decode_http_req_call_reply,
+    decode_http_resp_call_reply,
+    decode_prepare_conf_reply,
+    extra_info_result_frame,
+    http_req_call_frame,
+    http_resp_call_frame,
+    prepare_conf_request_frame,
+)
 from .messages import (
     MAX_PAYLOAD,
     METHOD_NAMES,
@@ -284,38 +311,13 @@ class HTTPRespCall(_CallView):
         return f"HTTPRespCall(id={self._id}, conf_token={self._conf_token}, status={self._status})"
 
 
-# --- shared helpers ----------------------------------------------------------------------------
-
-
-def _check(value: int, bits: int, what: str) -> int:
-    if not 0 <= value < 1 << bits:
-        raise ValueError(f"{what} {value} does not fit in uint{bits}")
-    return value
-
-
-def _valued(pairs: Pairs, what: str) -> tuple[tuple[str, str], ...]:
-    for _, value in pairs:
-        if value is None:
-            raise DecodeError(f"{what} entry without a value")
-    return pairs  # type: ignore[return-value]  # checked above: no None values
-
-
-def _entries(buf: bytes, field: int, errors: str = "surrogateescape") -> Pairs:
-    return _flat.text_entries(buf, field, errors) if field else ()
-
-
-def _frame(rpc_type: int, scalars: list[tuple[int, int, int]], refs: list[tuple[int, _flat.Child]]) -> bytes:
-    out = _flat.new_frame()
-    return _flat.finish(out, rpc_type, _flat.put_object(out, scalars, refs))
-
-
 # --- runner side: decode requests --------------------------------------------------------------
 
 
 def decode_prepare_conf(payload: bytes) -> PrepareConfRequest:
     """Decode A6.PrepareConf.Req; conf names/values and key must be UTF-8, every entry needs a value."""
     f = _flat.root(payload, (4, 4))  # conf, key
-    conf = _valued(_entries(payload, f[0], "strict"), "conf")
+    conf = valued(entries_or_empty(payload, f[0], "strict"), "conf")
     key = _flat.string(payload, f[1], "strict") if f[1] else None
     return PrepareConfRequest(tuple(ConfEntry(name, value) for name, value in conf), key)
 
@@ -341,23 +343,21 @@ def decode_extra_info_result(payload: bytes) -> bytes | None:
 
 def _u32_reply_head(rpc_type: int) -> bytes:
     # A table whose only field is one uint32: the value is the frame's last 4 bytes.
-    frame = _frame(rpc_type, [(0, 4, 0)], [])
+    frame = build_frame(rpc_type, [(0, 4, 0)], [])
     assert len(frame) == 24
     return frame[:-4]
 
 
 _CONF_REPLY_HEAD: Final = _u32_reply_head(RPCType.PREPARE_CONF)
 _REQ_REPLY_HEAD: Final = _u32_reply_head(RPCType.HTTP_REQ_CALL)
-_ERROR_FRAMES: Final = {code: _frame(RPCType.ERR, [(0, 1, code)], []) for code in ErrCode}
+_ERROR_FRAMES: Final = {code: build_frame(RPCType.ERR, [(0, 1, code)], []) for code in ErrCode}
 _VAR_CACHE_SIZE: Final = 1024
 _var_frames: dict[str, bytes] = {}
-_INFO_VAR, _INFO_REQ_BODY, _INFO_RESP_BODY = 1, 2, 3  # 0 is NONE
-_ACTION_NONE, _ACTION_STOP, _ACTION_REWRITE = range(3)
 
 
 def prepare_conf_reply_frame(token: int) -> bytes:
     """Frame of A6.PrepareConf.Resp carrying ``token`` (uint32)."""
-    return _CONF_REPLY_HEAD + _PACK_U32(_check(token, 32, "conf token"))
+    return _CONF_REPLY_HEAD + _PACK_U32(check_uint(token, 32, "conf token"))
 
 
 def error_frame(code: ErrCode) -> bytes:
@@ -369,7 +369,7 @@ def error_frame(code: ErrCode) -> bytes:
 
 
 def _put_stop(stop: Stop, out: bytearray) -> int:
-    scalars = [(0, 2, _check(stop.status, 16, "status"))] if stop.status else []
+    scalars = [(0, 2, check_uint(stop.status, 16, "status"))] if stop.status else []
     refs: list[tuple[int, _flat.Child]] = []
     if stop.headers:
         refs.append((1, stop.headers))
@@ -389,32 +389,32 @@ def _put_rewrite(rw: Rewrite, out: bytearray) -> int:
 
 def http_req_call_reply_frame(reply: HTTPReqCallReply) -> bytes:
     """Frame of A6.HTTPReqCall.Resp; a Stop omits an empty body, a Rewrite writes only non-None/non-empty parts."""
-    rid = _check(reply.id, 32, "id")
+    rid = check_uint(reply.id, 32, "id")
     action = reply.action
     if action is None:
         return _REQ_REPLY_HEAD + _PACK_U32(rid)
     if isinstance(action, Stop):
-        kind, put = _ACTION_STOP, partial(_put_stop, action)
+        kind, put = ACTION_STOP, partial(_put_stop, action)
     else:
-        kind, put = _ACTION_REWRITE, partial(_put_rewrite, action)
-    return _frame(RPCType.HTTP_REQ_CALL, [(0, 4, rid), (1, 1, kind)], [(2, put)])
+        kind, put = ACTION_REWRITE, partial(_put_rewrite, action)
+    return build_frame(RPCType.HTTP_REQ_CALL, [(0, 4, rid), (1, 1, kind)], [(2, put)])
 
 
 def http_resp_call_reply_frame(reply: HTTPRespCallReply) -> bytes:
     """Frame of A6.HTTPRespCall.Resp; status 0 and empty headers are omitted, ``body=None`` too."""
-    scalars = [(0, 4, _check(reply.id, 32, "id"))]
+    scalars = [(0, 4, check_uint(reply.id, 32, "id"))]
     if reply.status:
-        scalars.append((1, 2, _check(reply.status, 16, "status")))
+        scalars.append((1, 2, check_uint(reply.status, 16, "status")))
     refs: list[tuple[int, _flat.Child]] = []
     if reply.headers:
         refs.append((2, reply.headers))
     if reply.body is not None:
         refs.append((3, reply.body))
-    return _frame(RPCType.HTTP_RESP_CALL, scalars, refs)
+    return build_frame(RPCType.HTTP_RESP_CALL, scalars, refs)
 
 
 def _info_frame(kind: int, put: _flat.Child) -> bytes:
-    return _frame(RPCType.EXTRA_INFO, [(0, 1, kind)], [(1, put)])
+    return build_frame(RPCType.EXTRA_INFO, [(0, 1, kind)], [(1, put)])
 
 
 def _put_var(name: str, out: bytearray) -> int:
@@ -426,8 +426,8 @@ def _put_empty(out: bytearray) -> int:
 
 
 _BODY_QUERY_FRAMES: Final = {
-    ReqBodyQuery: _info_frame(_INFO_REQ_BODY, _put_empty),
-    RespBodyQuery: _info_frame(_INFO_RESP_BODY, _put_empty),
+    ReqBodyQuery: _info_frame(INFO_REQ_BODY, _put_empty),
+    RespBodyQuery: _info_frame(INFO_RESP_BODY, _put_empty),
 }
 
 
@@ -436,7 +436,7 @@ def extra_info_query_frame(query: ExtraInfoQuery) -> bytes:
     if isinstance(query, VarQuery):
         frame = _var_frames.get(query.name)
         if frame is None:
-            frame = _info_frame(_INFO_VAR, partial(_put_var, query.name))
+            frame = _info_frame(INFO_VAR, partial(_put_var, query.name))
             # Var names come from plugin code, so the set is small; the bound only guards misuse.
             if len(_var_frames) < _VAR_CACHE_SIZE:
                 _var_frames[query.name] = frame
@@ -445,125 +445,3 @@ def extra_info_query_frame(query: ExtraInfoQuery) -> bytes:
     if frame is None:
         raise TypeError(f"not an ExtraInfo query: {query!r}")
     return frame
-
-
-# --- APISIX side: encode requests --------------------------------------------------------------
-
-
-def prepare_conf_request_frame(entries: tuple[ConfEntry, ...], key: str | None = None) -> bytes:
-    """APISIX side: frame of A6.PrepareConf.Req (the conf vector is written even when empty)."""
-    refs: list[tuple[int, _flat.Child]] = [(0, tuple((e.name, e.value) for e in entries))]
-    if key is not None:
-        refs.append((1, key))
-    return _frame(RPCType.PREPARE_CONF, [], refs)
-
-
-def http_req_call_frame(
-    *,
-    id: int,
-    conf_token: int,
-    method: int = 0,
-    path: str | None = "/",
-    src_ip: bytes | None = None,
-    headers: Pairs = (),
-    args: Pairs = (),
-) -> bytes:
-    """APISIX side: frame of A6.HTTPReqCall.Req; ``None``/empty fields are omitted."""
-    scalars = [(0, 4, _check(id, 32, "id")), (6, 4, _check(conf_token, 32, "conf token"))]
-    if method:
-        scalars.append((2, 1, _check(method, 8, "method")))
-    refs: list[tuple[int, _flat.Child]] = [] if src_ip is None else [(1, src_ip)]
-    if path is not None:
-        refs.append((3, path))
-    refs += [(slot, pairs) for slot, pairs in ((4, args), (5, headers)) if pairs]
-    return _frame(RPCType.HTTP_REQ_CALL, scalars, refs)
-
-
-def http_resp_call_frame(*, id: int, conf_token: int, status: int = 200, headers: Pairs = ()) -> bytes:
-    """APISIX side: frame of A6.HTTPRespCall.Req (type 4)."""
-    scalars = [(0, 4, _check(id, 32, "id")), (3, 4, _check(conf_token, 32, "conf token"))]
-    if status:
-        scalars.append((1, 2, _check(status, 16, "status")))
-    return _frame(RPCType.HTTP_RESP_CALL, scalars, [(2, headers)] if headers else [])
-
-
-def extra_info_result_frame(result: bytes | None) -> bytes:
-    """APISIX side: frame of A6.ExtraInfo.Resp; ``None`` writes no ``result`` field."""
-    return _frame(RPCType.EXTRA_INFO, [], [] if result is None else [(0, result)])
-
-
-# --- APISIX side: decode replies ---------------------------------------------------------------
-
-
-def decode_prepare_conf_reply(payload: bytes) -> int:
-    """APISIX side: the conf token of A6.PrepareConf.Resp."""
-    f = _flat.root(payload, (4,))  # conf_token
-    return _U32(payload, f[0])[0] if f[0] else 0
-
-
-def decode_error(payload: bytes) -> ErrCode:
-    """APISIX side: the code of A6.Err.Resp (absent means BAD_REQUEST)."""
-    f = _flat.root(payload, (1,))  # code
-    code = payload[f[0]] if f[0] else 0
-    try:
-        return ErrCode(code)
-    except ValueError:
-        raise DecodeError(f"unknown error code {code}") from None
-
-
-def _union(payload: bytes, type_field: int, value_field: int) -> int:
-    kind = payload[type_field] if type_field else 0
-    if kind and not value_field:
-        raise DecodeError(f"union of type {kind} without a value")
-    return kind
-
-
-def decode_http_req_call_reply(payload: bytes) -> HTTPReqCallReply:
-    """APISIX side: A6.HTTPReqCall.Resp; action NONE or an empty table gives ``action=None``."""
-    f = _flat.root(payload, (4, 1, 4))  # id, action_type, action
-    rid = _U32(payload, f[0])[0] if f[0] else 0
-    kind = _union(payload, f[1], f[2])
-    if kind == _ACTION_NONE:
-        return HTTPReqCallReply(rid)
-    if kind == _ACTION_STOP:
-        s = _flat.sub_table(payload, f[2], (2, 4, 4))  # status, headers, body
-        status = _U16(payload, s[0])[0] if s[0] else 0
-        body = _flat.byte_vector(payload, s[2]) if s[2] else b""
-        return HTTPReqCallReply(rid, Stop(status, _valued(_entries(payload, s[1]), "Stop header"), body))
-    if kind == _ACTION_REWRITE:
-        r = _flat.sub_table(payload, f[2], (4, 4, 4, 4, 4))  # path, headers, args, resp_headers, body
-        rewrite = Rewrite(
-            path=_flat.string(payload, r[0]) if r[0] else None,
-            headers=_entries(payload, r[1]),
-            args=_entries(payload, r[2]),
-            resp_headers=_valued(_entries(payload, r[3]), "resp header"),
-            body=_flat.byte_vector(payload, r[4]) if r[4] else None,
-        )
-        return HTTPReqCallReply(rid, rewrite)
-    raise DecodeError(f"unknown action type {kind}")
-
-
-def decode_http_resp_call_reply(payload: bytes) -> HTTPRespCallReply:
-    """APISIX side: A6.HTTPRespCall.Resp."""
-    f = _flat.root(payload, (4, 2, 4, 4))  # id, status, headers, body
-    return HTTPRespCallReply(
-        id=_U32(payload, f[0])[0] if f[0] else 0,
-        status=_U16(payload, f[1])[0] if f[1] else 0,
-        headers=_valued(_entries(payload, f[2]), "response header"),
-        body=_flat.byte_vector(payload, f[3]) if f[3] else None,
-    )
-
-
-def decode_extra_info_query(payload: bytes) -> ExtraInfoQuery:
-    """APISIX side: A6.ExtraInfo.Req; NONE or an unknown info type is a DecodeError."""
-    f = _flat.root(payload, (1, 4))  # info_type, info
-    kind = _union(payload, f[0], f[1])
-    if kind == _INFO_VAR:
-        v = _flat.sub_table(payload, f[1], (4,))  # name
-        if not v[0]:
-            raise DecodeError("Var without a name")
-        return VarQuery(_flat.string(payload, v[0], "strict"))
-    if kind in (_INFO_REQ_BODY, _INFO_RESP_BODY):
-        _flat.sub_table(payload, f[1], ())
-        return ReqBodyQuery() if kind == _INFO_REQ_BODY else RespBodyQuery()
-    raise DecodeError(f"unsupported info type {kind}")
