@@ -16,9 +16,10 @@ from typing import Any
 import yaml
 
 from .identity import CertificateError, load_pem
+from .library import PolicyLibrary
 from .plugin import MtlsGuard
 from .policy import CompiledPolicy, compile_policy
-from .schema import PolicyError, PolicyLibrary
+from .schema import PolicyError
 
 __all__ = ["register"]
 

@@ -19,12 +19,13 @@ from importlib.metadata import entry_points
 
 from runner.registry import ENTRY_POINT_GROUP
 
+from .library import PolicyLibrary
 from .lint_coverage import check_coverage
 from .lint_findings import CODES, Findings, Severity
 from .lint_load import Config, InputError, load_files
 from .lint_plugins import PluginAnalysis
 from .lint_tls import check_ssls
-from .schema import PolicyError, PolicyLibrary
+from .schema import PolicyError
 
 __all__ = ["CODES", "LintResult", "lint_files", "main", "register"]
 

@@ -12,10 +12,11 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
+from .library import PolicyLibrary
 from .lint_findings import Findings
 from .lint_load import Config, Resource
 from .policy import CompiledPolicy, compile_policy
-from .schema import HeaderSource, Mode, PolicyError, PolicyLibrary
+from .schema import HeaderSource, Mode, PolicyError
 
 __all__ = ["GUARD", "PRE_REQ", "GuardUse", "PluginAnalysis", "plugins_of"]
 

@@ -18,8 +18,9 @@ from runner.plugin import BasePlugin, HTTPRequest
 from runner.protocol.messages import Stop
 
 from .identity import CertificateCache
+from .library import PolicyLibrary
 from .policy import CompiledPolicy, Decision, NeedVars, RequestInput, compile_policy
-from .schema import PolicyError, PolicyLibrary
+from .schema import PolicyError
 
 __all__ = ["DecisionCounter", "MtlsGuard", "decide_request"]
 

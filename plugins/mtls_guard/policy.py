@@ -17,6 +17,7 @@ from typing import Final
 from .decision import VAR_ORDER, Decision, Engine, IdentityChecks, NeedVars, Reason, RequestInput
 from .forwarded import build_xfcc
 from .identity import CertificateCache, ClientCertificate, TrustBundle
+from .library import PolicyLibrary
 from .matchers import DomainSet, ExemptMatcher, ExemptRuleSpec, SanMatcher
 from .schema import (
     HOST_MISMATCH_STATUS,
@@ -25,7 +26,6 @@ from .schema import (
     Mode,
     PolicyConfig,
     PolicyError,
-    PolicyLibrary,
     parse_policy,
 )
 

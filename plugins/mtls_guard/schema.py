@@ -1,5 +1,8 @@
 """Policy documents (route JSON, policy-file YAML) -> validated, typed, immutable configuration.
 
+The policy file itself (named policies, defaults, its YAML loader) is :mod:`.library`; it validates
+each named policy with :func:`parse_policy` from here.
+
 Validation is strict because a typo in a security policy must not silently weaken it: unknown keys are
 errors at every level, duplicate keys are errors (JSON and YAML would otherwise keep the last one), and
 every error names the key path (``require.san.dns[1]: ...``). Nothing here runs per request.
@@ -8,15 +11,11 @@ every error names the key path (``require.san.dns[1]: ...``). Nothing here runs 
 from __future__ import annotations
 
 import ipaddress
-import os
 import re
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass
 from enum import StrEnum
-from types import MappingProxyType
-from typing import Any, Final, Literal, TypeAlias, TypeVar
-
-import yaml
+from typing import Final, Literal, TypeAlias, TypeVar
 
 from .forwarded import ForwardedFormat
 from .identity import CertificateError, TrustBundle
@@ -43,7 +42,6 @@ __all__ = [
     "NameRequirement",
     "PolicyConfig",
     "PolicyError",
-    "PolicyLibrary",
     "Reject",
     "Requirements",
     "SanRequirement",
@@ -181,7 +179,8 @@ def _type_name(value: object) -> str:
     return kinds.get(type(value), type(value).__name__)
 
 
-def _mapping(value: object, path: str, allowed: frozenset[str]) -> Mapping[str, object]:
+def read_object(value: object, path: str, allowed: frozenset[str]) -> Mapping[str, object]:
+    """``value`` as an object whose keys are strings from ``allowed`` (else PolicyError at that key)."""
     if not isinstance(value, Mapping):
         raise PolicyError(path, f"must be an object, not {_type_name(value)}")
     for key in value:
@@ -290,7 +289,7 @@ def _exempt(value: object, path: str) -> tuple[ExemptRule, ...]:
     rules: list[ExemptRule] = []
     for index, item in enumerate(items):
         at = join_path(path, index)
-        m = _mapping(item, at, keys)
+        m = read_object(item, at, keys)
         if not keys.difference({"id"}).intersection(m):
             raise PolicyError(at, "needs at least one of path, methods, hosts")
         rule_id = f"exempt[{index}]"
@@ -325,11 +324,11 @@ def _name_requirement(value: object, path: str) -> NameRequirement:
 
 
 def _require(value: object, path: str) -> Requirements:
-    m = _mapping(value, path, frozenset({"san", "subject", "issuer", "fingerprint_sha256", "ca"}))
+    m = read_object(value, path, frozenset({"san", "subject", "issuer", "fingerprint_sha256", "ca"}))
     san: SanRequirement | None = None
     if "san" in m:
         san_path = join_path(path, "san")
-        s = _mapping(m["san"], san_path, frozenset({"dns", "uri", "email"}))
+        s = read_object(m["san"], san_path, frozenset({"dns", "uri", "email"}))
         if not s:
             raise PolicyError(san_path, "needs at least one of dns, uri, email")
         san = SanRequirement(
@@ -349,7 +348,7 @@ def _require(value: object, path: str) -> Requirements:
 
 
 def _reject(value: object, path: str) -> Reject:
-    m = _mapping(value, path, frozenset({"status", "body", "content_type", "expose_reason"}))
+    m = read_object(value, path, frozenset({"status", "body", "content_type", "expose_reason"}))
     default = Reject()
     status = m.get("status", default.status)
     if isinstance(status, bool) or not isinstance(status, int) or not 400 <= status <= 599:
@@ -376,9 +375,9 @@ def _source(value: object, path: str) -> ApisixSource | HeaderSource:
     if not isinstance(value, Mapping) or value.get("type") not in ("apisix", "header"):
         raise PolicyError(join_path(path, "type"), 'must be "apisix" or "header"')
     if value["type"] == "apisix":
-        _mapping(value, path, frozenset({"type"}))
+        read_object(value, path, frozenset({"type"}))
         return ApisixSource()
-    m = _mapping(value, path, frozenset({"type", "format", "header", "chain_header", "trusted_proxies", "ca"}))
+    m = read_object(value, path, frozenset({"type", "format", "header", "chain_header", "trusted_proxies", "ca"}))
     for key in ("format", "trusted_proxies", "ca"):
         if key not in m:
             raise PolicyError(join_path(path, key), "is required for header sources")
@@ -404,7 +403,7 @@ def _source(value: object, path: str) -> ApisixSource | HeaderSource:
 
 
 def _forward(value: object, path: str) -> Forward:
-    m = _mapping(value, path, frozenset({"subject", "san", "fingerprint", "xfcc"}))
+    m = read_object(value, path, frozenset({"subject", "san", "fingerprint", "xfcc"}))
     names = {key: _header_name(v, join_path(path, key)) for key, v in m.items()}
     seen: dict[str, str] = {}
     for key, name in names.items():
@@ -421,7 +420,7 @@ TOP_LEVEL_KEYS: Final = frozenset(
 
 def parse_policy(value: object, path: str = "", *, name: str | None = None) -> PolicyConfig:
     """Validate one policy object (without a ``policy`` reference: resolve that first)."""
-    m = _mapping(value, path, TOP_LEVEL_KEYS)
+    m = read_object(value, path, TOP_LEVEL_KEYS)
     if "policy" in m:
         raise PolicyError(join_path(path, "policy"), "a named-policy reference is not allowed here")
     mode = m.get("mode", Mode.ENFORCE.value)
@@ -437,108 +436,3 @@ def parse_policy(value: object, path: str = "", *, name: str | None = None) -> P
         forward=_opt(m, path, "forward", _forward, Forward()),
         name=name,
     )
-
-
-# -- policy file -------------------------------------------------------------------------------------
-
-_POLICY_NAME: Final = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,127}\Z")
-
-
-def _frozen(value: object) -> object:
-    if isinstance(value, Mapping):
-        return MappingProxyType({k: _frozen(v) for k, v in value.items()})
-    if isinstance(value, list | tuple):
-        return tuple(_frozen(v) for v in value)
-    return value
-
-
-def _freeze(value: object) -> Mapping[str, object]:
-    """Deep read-only copy (mappings -> MappingProxyType, lists -> tuples) so a library cannot drift."""
-    frozen = _frozen(value)
-    assert isinstance(frozen, Mapping)
-    return frozen
-
-
-def _located(exc: PolicyError, source: str) -> PolicyError:
-    """The same error, prefixed with the file it came from; ``path`` keeps the key path."""
-    located = PolicyError("", f"{source}: {exc}")
-    located.path = exc.path
-    return located
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """SafeLoader that refuses duplicate mapping keys instead of keeping the last one."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        keys: set[object] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable) and key in keys:
-                line, column = key_node.start_mark.line + 1, key_node.start_mark.column + 1
-                raise PolicyError("", f"duplicate key {key!r} at line {line} column {column}")
-            keys.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyLibrary:
-    """Named policies from the runner's policy file.
-
-    ``defaults`` apply to every named policy; a route conf ``{"policy": "<name>", ...}`` is the shallow
-    merge defaults < named policy < route keys, per top-level key. Routes that name no policy are not
-    affected by the file. Every part is validated when the library is built, so a broken file fails at
-    start-up, not on the first request of some route.
-    """
-
-    defaults: Mapping[str, object]
-    policies: Mapping[str, Mapping[str, object]]
-    source: str = "<policies>"
-
-    @classmethod
-    def from_mapping(cls, data: object, *, source: str = "<policies>") -> PolicyLibrary:
-        try:
-            top = _mapping(data, "", frozenset({"defaults", "policies"}))
-            defaults = top.get("defaults", {})
-            parse_policy(defaults, "defaults")
-            policies = top.get("policies", {})
-            if not isinstance(policies, Mapping):
-                raise PolicyError("policies", "must be an object of name -> policy")
-            for name, policy in policies.items():
-                if not isinstance(name, str) or not _POLICY_NAME.match(name):
-                    raise PolicyError(join_path("policies", str(name)), "names are [A-Za-z0-9_.-], at most 128")
-                parse_policy(policy, join_path("policies", name))
-        except PolicyError as exc:
-            raise _located(exc, source) from None
-        return cls(_freeze(defaults), MappingProxyType({n: _freeze(p) for n, p in policies.items()}), source)
-
-    @classmethod
-    def from_yaml_file(cls, path: str | os.PathLike[str]) -> PolicyLibrary:
-        name = os.fspath(path)
-        try:
-            with open(name, encoding="utf-8") as handle:
-                data = yaml.load(handle, Loader=_StrictLoader)  # noqa: S506 - _StrictLoader is a SafeLoader
-        except OSError as exc:
-            raise PolicyError("", f"{name}: cannot read policy file: {exc.strerror}") from None
-        except UnicodeDecodeError:
-            raise PolicyError("", f"{name}: policy file is not UTF-8") from None
-        except PolicyError as exc:
-            raise _located(exc, name) from None
-        except yaml.YAMLError as exc:
-            mark = getattr(exc, "problem_mark", None)
-            where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-            problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
-            raise PolicyError("", f"{name}: invalid YAML{where}: {problem}") from None
-        return cls.from_mapping({} if data is None else data, source=name)
-
-    def names(self) -> tuple[str, ...]:
-        return tuple(sorted(self.policies))
-
-    def resolve(self, route: Mapping[str, object]) -> tuple[dict[str, object], str]:
-        """Merge a route conf that names a policy; returns (merged policy object, policy name)."""
-        name = route["policy"]
-        if not isinstance(name, str) or name not in self.policies:
-            known = ", ".join(self.names()) or "none"
-            raise PolicyError("policy", f"unknown policy {name!r} in {self.source} (known: {known})")
-        merged = {**self.defaults, **self.policies[name]}
-        merged.update((k, v) for k, v in route.items() if k != "policy")
-        return merged, name

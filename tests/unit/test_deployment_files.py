@@ -97,8 +97,8 @@ def gen_certs_outputs() -> set[str]:
 
 
 def policy_library() -> Any:
-    schema = pytest.importorskip("plugins.mtls_guard.schema")
-    return schema.PolicyLibrary.from_yaml_file(CONF / "policies.yaml")
+    library = pytest.importorskip("plugins.mtls_guard.library")
+    return library.PolicyLibrary.from_yaml_file(CONF / "policies.yaml")
 
 
 # -- collecting every mtls-guard attachment ------------------------------------------------------------

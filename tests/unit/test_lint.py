@@ -14,13 +14,13 @@ import pytest
 import yaml
 
 from plugins.mtls_guard.identity import load_pem
+from plugins.mtls_guard.library import PolicyLibrary
 from plugins.mtls_guard.lint import LintResult, lint_files, render_json, render_text
 from plugins.mtls_guard.lint_coverage import hosts_overlap
 from plugins.mtls_guard.lint_findings import CODES, Finding, Findings, Severity
 from plugins.mtls_guard.lint_load import InputError
 from plugins.mtls_guard.lint_regex import analyse, catch_all, may_exempt_route_uri, unmatched_example
 from plugins.mtls_guard.lint_tls import host_covers
-from plugins.mtls_guard.schema import PolicyLibrary
 from runner.cli import main as cli_main
 from tests.certs import CertFactory, Issued
 

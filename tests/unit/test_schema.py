@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 
 from plugins.mtls_guard.forwarded import ForwardedFormat
+from plugins.mtls_guard.library import PolicyLibrary
 from plugins.mtls_guard.matchers import EmailPattern, UriPattern
 from plugins.mtls_guard.policy import compile_policy
 from plugins.mtls_guard.schema import (
@@ -20,7 +21,6 @@ from plugins.mtls_guard.schema import (
     Mode,
     PolicyConfig,
     PolicyError,
-    PolicyLibrary,
     Reject,
     Requirements,
     parse_policy,
