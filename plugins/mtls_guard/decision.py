@@ -16,10 +16,11 @@ from enum import StrEnum
 from typing import Final, Literal
 
 from .forwarded import parse_forwarded
-from .identity import CertificateCache, CertificateError, ClientCertificate, TrustBundle, load_pem, unescape_nginx
+from .identity import CertificateCache, CertificateError, ClientCertificate, load_pem, unescape_nginx
 from .matchers import ExemptMatcher, SanMatcher, normalize_host
 from .paths import canonical_value
 from .schema import HOST_MISMATCH_STATUS, HeaderSource, IPNetwork, Mode
+from .trust import TrustBundle
 
 __all__ = ["Decision", "Engine", "IdentityChecks", "NeedVars", "Reason", "RequestInput", "sanitize_detail"]
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
 
-from .identity import ClientCertificate, TrustBundle
+from .identity import ClientCertificate
 from .lint_findings import Findings
 from .lint_load import Config, Resource
 from .lint_plugins import PRE_REQ, GuardUse, PluginAnalysis, plugins_of
 from .lint_regex import may_exempt_route_uri
 from .lint_tls import SslInfo
+from .trust import TrustBundle
 
 __all__ = ["check_coverage", "hosts_overlap", "route_hosts"]
 

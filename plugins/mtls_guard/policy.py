@@ -16,7 +16,7 @@ from typing import Final
 
 from .decision import VAR_ORDER, Decision, Engine, IdentityChecks, NeedVars, Reason, RequestInput
 from .forwarded import build_xfcc
-from .identity import CertificateCache, ClientCertificate, TrustBundle
+from .identity import CertificateCache, ClientCertificate
 from .library import PolicyLibrary
 from .matchers import DomainSet, ExemptMatcher, ExemptRuleSpec, SanMatcher
 from .schema import (
@@ -28,6 +28,7 @@ from .schema import (
     PolicyError,
     parse_policy,
 )
+from .trust import TrustBundle
 
 __all__ = [
     "REASON_HEADER",

@@ -18,7 +18,7 @@ from enum import StrEnum
 from typing import Final, Literal, TypeAlias, TypeVar
 
 from .forwarded import ForwardedFormat
-from .identity import CertificateError, TrustBundle
+from .identity import CertificateError
 from .matchers import (
     APISIX_METHODS,
     MAX_PATTERN_LENGTH,
@@ -31,6 +31,7 @@ from .matchers import (
     parse_host_pattern,
     parse_uri_pattern,
 )
+from .trust import TrustBundle
 
 __all__ = [
     "ApisixSource",

@@ -19,12 +19,12 @@ from plugins.mtls_guard.identity import (
     CertificateError,
     ClientCertificate,
     Name,
-    TrustBundle,
     load_der,
     load_pem,
     load_pem_chain,
     unescape_nginx,
 )
+from plugins.mtls_guard.trust import TrustBundle
 from tests.certs import CertFactory, Issued, escaped
 
 
