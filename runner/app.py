@@ -8,6 +8,7 @@ import socket
 from collections.abc import Awaitable, Callable, Iterable
 from typing import Any
 
+from .balance import ConnectionBalance
 from .httpd import HealthEndpoint
 from .metrics import MetricsSource, RPCStats, build_registry, live_view
 from .registry import PluginRegistry
@@ -82,6 +83,7 @@ def run(
     extra: Callable[[RunnerServer], Awaitable[Any]] | None = None,
     listen_socket: socket.socket | None = None,
     shared: SharedConfs | None = None,
+    balance: ConnectionBalance | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code.
 
@@ -100,7 +102,9 @@ def run(
         except ImportError:
             log.error("event=startup_failed reason='metrics_addr needs the metrics extra (prometheus-client)'")
             return EXIT_STARTUP_FAILURE
-    server = RunnerServer(settings, registry, observers=observers, listen_socket=listen_socket, shared=shared)
+    server = RunnerServer(
+        settings, registry, observers=observers, listen_socket=listen_socket, shared=shared, balance=balance
+    )
 
     async def main() -> int:
         endpoint = None

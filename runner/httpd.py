@@ -17,10 +17,12 @@ _MAX_REQUEST = 8192
 _READ_TIMEOUT = 5.0
 
 
-def parse_host_port(value: str) -> tuple[str, int]:
-    """``127.0.0.1:9464`` / ``[::1]:9464`` / ``:9464`` -> (host, port); ValueError if malformed."""
+def parse_host_port(value: str, *, allow_ephemeral: bool = False) -> tuple[str, int]:
+    """``127.0.0.1:9464`` / ``[::1]:9464`` / ``:9464`` -> (host, port); ValueError if malformed.
+    Port 0 (any free port) only with ``allow_ephemeral`` — useless in a config, handy in tests."""
     host, sep, port = value.rpartition(":")
-    if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+    lowest = 0 if allow_ephemeral else 1
+    if not sep or not port.isdigit() or not lowest <= int(port) < 65536:
         raise ValueError(f"{value!r} is not HOST:PORT")
     host = host.strip("[]") or "127.0.0.1"
     return host, int(port)
@@ -34,7 +36,7 @@ class HealthEndpoint:
         ready: Callable[[], bool],
         metrics: Callable[[], bytes] | None,
     ) -> None:
-        self._host, self._port = parse_host_port(address)
+        self._host, self._port = parse_host_port(address, allow_ephemeral=True)
         self._ready = ready
         self._metrics = metrics
         self._server: asyncio.Server | None = None

@@ -17,6 +17,7 @@ import time
 from collections.abc import Iterable
 from typing import cast
 
+from .balance import Acceptor, ConnectionBalance
 from .confcache import ConfStore
 from .registry import PluginRegistry
 from .session import RPCObserver, Session, SessionConfig
@@ -90,6 +91,7 @@ class _Connection(asyncio.Protocol):
             self._server.session_config, self.transport.write, self.transport.close, self._server.loop.call_soon
         )
         self._server.connections.add(self)
+        self._server.connection_opened()
 
     def data_received(self, data: bytes) -> None:
         assert self.session is not None
@@ -113,12 +115,15 @@ class RunnerServer:
         observers: Iterable[RPCObserver] = (),
         listen_socket: socket.socket | None = None,
         shared: SharedConfs | None = None,
+        balance: ConnectionBalance | None = None,
     ) -> None:
         """``listen_socket``/``shared``: worker mode under runner.supervisor, which owns the socket
         path (binds it, watches it, removes it) and the shared conf-token table."""
         self.settings = settings
         self.registry = registry
         self._inherited_socket = listen_socket
+        self._balance = balance
+        self._acceptor: Acceptor | None = None
         self.store = ConfStore(
             registry,
             ttl=settings.token_ttl,
@@ -154,7 +159,10 @@ class RunnerServer:
 
     async def _listen(self) -> None:
         if self._inherited_socket is not None:
-            self._server = await self.loop.create_unix_server(lambda: _Connection(self), sock=self._inherited_socket)
+            self._acceptor = Acceptor(
+                self._inherited_socket, lambda: _Connection(self), lambda: len(self.connections), self._balance
+            )
+            self._acceptor.publish()
             return
         sock = bind_unix_socket(self.settings.listen, self.settings.socket_mode)
         self._socket_inode = os.stat(self.settings.listen).st_ino
@@ -162,7 +170,7 @@ class RunnerServer:
 
     def ready(self) -> bool:
         """Listening, not shutting down, and our socket file is still at its path."""
-        if self._server is None or self._stopping.is_set():
+        if (self._server is None and self._acceptor is None) or self._stopping.is_set():
             return False
         return self._inherited_socket is not None or self._socket_intact()
 
@@ -204,6 +212,8 @@ class RunnerServer:
         started = time.monotonic()
         if self._server is not None:
             self._server.close()
+        if self._acceptor is not None:
+            self._acceptor.close()
         self._unlink()
         for conn in list(self.connections):
             if conn.session is None or not conn.session.busy:
@@ -222,7 +232,13 @@ class RunnerServer:
                 await asyncio.wait_for(self._all_closed.wait(), 0.1)
         log.info("event=stopped drained_in=%.3fs", time.monotonic() - started)
 
+    def connection_opened(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.publish()
+
     def connection_closed(self) -> None:
+        if self._acceptor is not None:
+            self._acceptor.publish()
         if not self.connections and self._all_closed is not None:
             self._all_closed.set()
 

@@ -30,6 +30,7 @@ import time
 from pathlib import Path
 
 from .app import EXIT_OK, EXIT_STARTUP_FAILURE, setup_plugins
+from .balance import ConnectionBalance
 from .httpd import HealthEndpoint
 from .metrics import MetricsView, build_registry, merge
 from .registry import PluginRegistry
@@ -49,6 +50,7 @@ _HEALTHY_AFTER = 2.0
 
 SETTINGS_FILE = "settings.json"
 CONFS_FILE = "confs.sqlite3"
+BALANCE_FILE = "connections.map"
 
 
 def metrics_file(rundir: str, index: int) -> str:
@@ -100,6 +102,7 @@ class Supervisor:
             setup_plugins(self.registry, self.settings)  # fail before binding, in one clear line
             self._rundir = _run_dir()
             SharedConfs.initialise(os.path.join(self._rundir, CONFS_FILE), random_first_token())
+            ConnectionBalance.create(os.path.join(self._rundir, BALANCE_FILE), len(self.workers))
             worker_settings = dataclasses.replace(self.settings, metrics_addr=None)
             Path(self._rundir, SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(worker_settings)))
         except (StartupError, OSError) as exc:
@@ -183,16 +186,24 @@ class Supervisor:
         self._sock.set_inheritable(True)
         self._inode = os.stat(path).st_ino
 
-    async def _publish(self, timeout: float = 15.0) -> None:
-        """Wait until at least one worker serves, then move the socket to its path in one step
-        (rename replaces a stale socket atomically: there is no moment without a socket)."""
-        deadline = time.monotonic() + timeout
-        while not any(os.path.exists(ready_file(self._rundir, w.index)) for w in self.workers):
+    async def _publish(self, timeout: float = 15.0, all_within: float = 5.0) -> None:
+        """Wait until the workers serve, then move the socket to its path in one step (rename
+        replaces a stale socket atomically: there is no moment without a socket).
+
+        All workers should be up first: APISIX keeps its connections for minutes, so the ones
+        opened before a slow worker starts would all stay on the others. After ``all_within``
+        seconds one serving worker is enough (the rest join as they come up)."""
+        started = time.monotonic()
+        while True:
+            ready = sum(os.path.exists(ready_file(self._rundir, w.index)) for w in self.workers)
+            waited = time.monotonic() - started
+            if ready == len(self.workers) or (ready and waited > all_within):
+                break
             if self._stopping.is_set():
                 return
             if all(w.process is not None and w.process.poll() is not None for w in self.workers):
                 raise StartupError("every worker exited during start-up (see the lines above)")
-            if time.monotonic() > deadline:
+            if waited > timeout:
                 raise StartupError(f"no worker was ready within {timeout:g}s")
             await asyncio.sleep(0.01)
         staging = self._staging_path()
@@ -221,6 +232,7 @@ class Supervisor:
                 if code is None:
                     continue
                 worker.process = None
+                ConnectionBalance.mark_absent(os.path.join(self._rundir, BALANCE_FILE), worker.index)
                 quick = now - worker.started < _HEALTHY_AFTER
                 worker.failures = worker.failures + 1 if quick else 0
                 delay = min(_MAX_BACKOFF, 0.1 * 2**worker.failures) if worker.failures else 0.0

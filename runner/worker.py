@@ -22,13 +22,14 @@ import time
 from pathlib import Path
 
 from .app import EXIT_STARTUP_FAILURE, run
+from .balance import ConnectionBalance
 from .logs import configure_logging
 from .metrics import MetricsSource, RPCStats, live_view, to_json
 from .registry import PluginRegistry, RegistryError
 from .server import RunnerServer
 from .settings import Settings, SettingsError
 from .sharedconf import SharedConfs, SharedConfsError
-from .supervisor import CONFS_FILE, SETTINGS_FILE, metrics_file, ready_file
+from .supervisor import BALANCE_FILE, CONFS_FILE, SETTINGS_FILE, metrics_file, ready_file
 
 _METRICS_INTERVAL = 1.0
 _PARENT_CHECK = 0.25
@@ -92,8 +93,11 @@ def main(argv: list[str]) -> int:
                     _write_atomically(target, json.dumps(to_json(view())))
 
     sock = socket.socket(fileno=fd)
+    balance = ConnectionBalance(os.path.join(rundir, BALANCE_FILE), index, settings.workers)
     try:
-        return run(settings, registry, observers=[stats], extra=beside, listen_socket=sock, shared=shared)
+        return run(
+            settings, registry, observers=[stats], extra=beside, listen_socket=sock, shared=shared, balance=balance
+        )
     finally:
         shared.close()
         if os.getppid() != parent:  # the supervisor was killed and cannot clean up after itself

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from runner.protocol.messages import ErrCode
-from runner.registry import PluginRegistry, RegistryError
 from runner.testing import ApisixOutcome, FakeApisix, conf
 
 EXIT_STARTUP_FAILURE = 3
@@ -28,20 +27,6 @@ def _binary() -> str:
     path = Path(sys.executable).parent / "mtls-guard"
     assert path.is_file(), f"console script not installed next to {sys.executable}"
     return str(path)
-
-
-def _entry_points_load() -> str | None:
-    try:
-        PluginRegistry.discover()
-    except RegistryError as exc:
-        return str(exc)
-    return None
-
-
-needs_plugins = pytest.mark.skipif(
-    _entry_points_load() is not None,
-    reason=f"installed plugin entry points do not load yet: {_entry_points_load()}",
-)
 
 
 def apisix_env(listen: str, **extra: str) -> dict[str, str]:
@@ -130,7 +115,6 @@ def one_line(text: str) -> str:
     return lines[0]
 
 
-@needs_plugins
 class TestServing:
     def test_ready_mode_and_serves(self, spawn: Spawn, sock_path: str) -> None:
         """The runner listens on APISIX_LISTEN_ADDRESS with mode 0766 and answers like APISIX expects."""

@@ -13,7 +13,7 @@ import urllib.request
 from pathlib import Path
 
 from runner.testing import FakeApisix, conf
-from tests.integration.test_process import Runner, Spawn, apisix_env, needs_plugins, wait_ready
+from tests.integration.test_process import Runner, Spawn, apisix_env, wait_ready
 from tests.integration.test_process import spawn as spawn  # noqa: PLC0414 - the fixture, shared
 
 PROTECTED = conf(("mtls-guard", json.dumps({"exempt": [{"id": "health", "path": "/health"}]})))
@@ -71,10 +71,9 @@ async def _many_connections(path: str, connections: int, requests: int) -> tuple
     return [k for k, _ in flat], [t for _, t in flat], sum(f.prepare_count for f in fakes)
 
 
-@needs_plugins
 class TestWorkers:
     def test_tokens_prepared_once_work_on_every_worker(self, spawn: Spawn, sock_path: str) -> None:
-        """One PrepareConf serves requests on both workers with no CONF_TOKEN_NOT_FOUND round trip."""
+        """One PrepareConf serves requests spread over both workers with no CONF_TOKEN_NOT_FOUND round trip."""
         runner = spawn(apisix_env(sock_path), "--workers", "2")
         wait_ready(runner, sock_path)
         pids = _wait_for_workers(runner, 2)
@@ -87,7 +86,7 @@ class TestWorkers:
         rundir = _worker_rundir(pids[0])
         served = [json.loads((rundir / f"metrics-{i}.json").read_text()) for i in range(2)]
         calls = [sum(n for t, o, n in s["rpc"] if t == "http_req_call") for s in served]
-        assert all(n > 0 for n in calls), f"a worker served nothing: {calls}"
+        assert min(calls) >= 0.3 * sum(calls), f"connections were not spread over the workers: {calls}"
         assert sum(calls) == 240
 
     def test_sigterm_stops_supervisor_and_workers_within_a_second(self, spawn: Spawn, sock_path: str) -> None:
