@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from types import MappingProxyType
 from typing import Final
@@ -97,6 +97,11 @@ class CompiledPolicy:
     responses: Mapping[Reason, Response]
     forward_names: frozenset[str]
     source_names: frozenset[str] = frozenset()  # header mode: the forwarded-certificate headers
+    # Deleted from every request that has them: derived once here, not per request in upstream_headers.
+    strip_names: frozenset[str] = field(init=False)
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "strip_names", self.forward_names | self.source_names)
 
     def decide(
         self,
@@ -122,13 +127,13 @@ class CompiledPolicy:
 
         Every inbound copy of a configured identity header is deleted on every request, exempt and
         report-mode ones included, so a client can never reach the upstream with a forged identity.
-        Identity headers are set only for an "allow" verdict with a certificate: in report mode a
-        certificate that failed the checks is let through but never vouched for. In header mode the
-        forwarded-certificate headers themselves reach the upstream only when they were verified.
+        In header mode the forwarded-certificate headers (``source.header``, ``source.chain_header``)
+        are deleted on every request too, verified ones included: the upstream cannot tell a proxy's
+        header from a client's, so it must never see one it might trust. Identity headers are set
+        only for an "allow" verdict with a certificate: in report mode a certificate that failed the
+        checks is let through but never vouched for.
         """
-        strip = self.forward_names
-        if self.source_names and decision.reason is not Reason.VERIFIED:
-            strip = strip | self.source_names
+        strip = self.strip_names
         if not strip:
             return ()
         inbound = {name.lower() for name, _ in request_headers} & strip
@@ -187,7 +192,6 @@ def describe_policy(config: PolicyConfig) -> str:
         chain = f" (+ chain header {source.chain_header!r})" if source.chain_header else ""
         lines.append(f"  - a certificate in header {source.header!r} ({source.format.value}){chain}")
         lines.append(f"  - re-verified against the source CA bundle: {_bundle_text(source.ca)}")
-        lines.append("  (the certificate headers reach the upstream only on verified requests)")
     else:
         lines.append("  - https (plain http is denied)")
         if config.require_sni_match:
@@ -224,6 +228,11 @@ def describe_policy(config: PolicyConfig) -> str:
         ]
         lines.append("forwarded to the upstream on verified requests: " + ", ".join(sent))
         lines.append("  inbound copies of " + ", ".join(names) + " are always removed")
+    if isinstance(source, HeaderSource):
+        # Stated outright: operators used to proxies that pass XFCC on may expect the upstream to get it.
+        cert_headers = ", ".join(n for n in (source.header, source.chain_header) if n)
+        lines.append(f"certificate headers removed from every request, verified ones too: {cert_headers}")
+        lines.append("  (the upstream gets the verified identity only through forward headers)")
     return "\n".join(lines)
 
 

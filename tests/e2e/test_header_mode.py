@@ -19,6 +19,10 @@ ROUTES = ["/hdr/", "/xfcc/"]
 UNTRUSTED_PEER = "127.0.0.2"
 
 
+# The certificate header of each route's format, as the upstream would see it (lower-cased).
+_CERT_HEADER = {"/hdr/": "x-client-cert", "/xfcc/": "x-forwarded-client-cert"}
+
+
 def _forged(stack: Stack, prefix: str, cert: str = "valid") -> list[tuple[str, str]]:
     """The certificate header of ``prefix``'s format, as a client would forge it."""
     pem = escaped(stack.pki.clients[cert].issued.pem)
@@ -32,10 +36,14 @@ class TestTrustedFrontProxy:
 
     @pytest.mark.parametrize("prefix", ROUTES)
     def test_valid_certificate_through_the_proxy_is_allowed(self, stack: Stack, prefix: str) -> None:
-        """A valid certificate forwarded by the trusted proxy is re-verified and its identity forwarded."""
+        """A valid certificate forwarded by the trusted proxy is re-verified and its identity forwarded.
+
+        Only the forward headers carry it: the certificate header itself never reaches the upstream.
+        """
         reply = stack.clients.request(f"{prefix}orders/1", cert="valid", listener="front")
         stack.expect(reply, 200)
         assert reply.upstream_headers("x-client-subject") == ["CN=web-prod"]
+        assert reply.upstream_headers(_CERT_HEADER[prefix]) == []
         assert stack.bridge.records[-1].vars["realip_remote_addr"] == "127.0.0.1"
 
     @pytest.mark.parametrize("prefix", ROUTES)
@@ -102,11 +110,12 @@ class TestUntrustedPeer:
         stack.expect(reply, 403, "untrusted-proxy")
 
     def test_untrusted_peer_reaches_the_exempt_path(self, stack: Stack) -> None:
-        """Exempt paths do not depend on the peer; spoofed identity headers are still stripped."""
+        """Exempt paths do not depend on the peer; spoofed identity and certificate headers are still stripped."""
         headers = [("X-Client-Subject", "CN=admin"), *_forged(stack, "/hdr/")]
         reply = stack.clients.request("/hdr/health", listener="http", source=UNTRUSTED_PEER, headers=headers)
         stack.expect(reply, 200)
         assert reply.upstream_headers("x-client-subject") == []
+        assert reply.upstream_headers("x-client-cert") == []
 
     def test_curl_from_an_untrusted_peer(self, stack: Stack) -> None:
         """curl --interface 127.0.0.2 with a forged X-Client-Cert gets 403 untrusted-proxy."""

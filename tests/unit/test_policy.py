@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 from dataclasses import dataclass, field
@@ -701,12 +702,63 @@ class TestUpstreamHeaders:
         for decision in (exempt, untrusted):
             assert policy.upstream_headers(decision, inbound) == (("client-cert", None), ("client-cert-chain", None))
 
-    def test_header_mode_verified_forwarded_cert_passes(self) -> None:
-        """A forwarded certificate that was verified reaches the upstream unchanged."""
+    def test_header_mode_verified_forwarded_cert_stripped(self) -> None:
+        """Even a verified forwarded certificate is deleted: the upstream must never see a certificate header."""
         policy = compiled({"source": {**HEADER_SOURCE, "ca": ROOT.pem}})
         decision = run(policy, RequestInput("GET", "/x", xfcc(BILLING)), peer())
         assert decision.reason is Reason.VERIFIED
-        assert policy.upstream_headers(decision, xfcc(BILLING)) == ()
+        assert policy.upstream_headers(decision, xfcc(BILLING)) == (("x-forwarded-client-cert", None),)
+
+    def test_header_mode_exempt_request_from_untrusted_peer(self) -> None:
+        """An exempt request from an untrusted peer passes, but its forged certificate header is deleted."""
+        policy = compiled({"source": {**HEADER_SOURCE, "ca": ROOT.pem}, **FORWARD, **EXEMPTIONS})
+        inbound = (*xfcc(BILLING), *SPOOFED)
+        decision = run(policy, RequestInput("GET", "/public", inbound), peer("203.0.113.9"))
+        assert (decision.allowed, decision.reason) == (True, Reason.EXEMPT)
+        assert policy.upstream_headers(decision, inbound) == (
+            ("x-client-fp", None),
+            ("x-client-subject", None),
+            ("x-forwarded-client-cert", None),
+        )
+
+    def test_header_mode_allowed_request_from_trusted_proxy(self) -> None:
+        """A verified request loses the certificate headers and gets the identity only via forward headers."""
+        policy = compiled({"source": {**HEADER_SOURCE, "ca": ROOT.pem}, **FORWARD})
+        inbound = (*xfcc(BILLING), ("accept", "*/*"))
+        decision = run(policy, RequestInput("GET", "/x", inbound), peer())
+        assert (decision.allowed, decision.reason) == (True, Reason.VERIFIED)
+        cert = load_pem(BILLING.pem)
+        assert policy.upstream_headers(decision, inbound) == (
+            ("x-forwarded-client-cert", None),
+            ("x-client-subject", "CN=client-a,O=Example"),
+            (
+                "x-client-san",
+                "DNS:billing.svc.example.com,URI:spiffe://example.org/ns/prod/sa/billing,email:billing@example.com",
+            ),
+            ("x-client-fp", cert.fingerprint_sha256),
+            ("x-fcc", build_xfcc(cert)),
+        )
+
+    def test_header_mode_rfc9440_verified_request_loses_both_headers(self) -> None:
+        """With a chain header (rfc9440), a verified request loses the leaf and the chain header."""
+        policy = compiled({"source": {**HEADER_SOURCE, "format": "rfc9440", "ca": ROOT.pem}})
+        der = base64.b64encode(load_pem(VIA_INTERMEDIATE.pem).der).decode()
+        chain = base64.b64encode(load_pem(INTERMEDIATE.pem).der).decode()
+        inbound = (("client-cert", f":{der}:"), ("client-cert-chain", f":{chain}:"), ("accept", "*/*"))
+        decision = run(policy, RequestInput("GET", "/x", inbound), peer())
+        assert decision.reason is Reason.VERIFIED
+        assert policy.upstream_headers(decision, inbound) == (("client-cert", None), ("client-cert-chain", None))
+
+    @pytest.mark.parametrize(
+        ("extra", "reason"),
+        [({}, Reason.VERIFIED), ({"require": {"subject": {"CN": ["nobody"]}}}, Reason.IDENTITY_MISMATCH)],
+    )
+    def test_header_mode_report_mode_forwarded_cert_stripped(self, extra: dict[str, Any], reason: Reason) -> None:
+        """In report mode the certificate header is deleted whether the certificate passed or would be denied."""
+        policy = compiled({"source": {**HEADER_SOURCE, "ca": ROOT.pem}, "mode": "report", **extra})
+        decision = run(policy, RequestInput("GET", "/x", xfcc(BILLING)), peer())
+        assert (decision.allowed, decision.reason, decision.mode) == (True, reason, Mode.REPORT)
+        assert policy.upstream_headers(decision, xfcc(BILLING)) == (("x-forwarded-client-cert", None),)
 
     def test_san_values_escaped(self) -> None:
         """Commas and control characters inside a SAN value cannot split or break the header."""
@@ -733,6 +785,7 @@ class TestDescribe:
         assert "10.0.0.0/8" in text
         assert "'x-forwarded-client-cert'" in text
         assert "Example Root" in text
+        assert "certificate headers removed from every request, verified ones too: x-forwarded-client-cert" in text
 
 
 def test_compiled_policy_is_immutable() -> None:
