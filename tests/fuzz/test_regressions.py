@@ -100,7 +100,7 @@ class TestKnownBugs:
     def test_aliased_header_entries_do_not_amplify(self) -> None:
         """A 1.3 MB HTTPReqCall whose 65,536 header entries share one 1 MiB name must not decode into 64 GiB.
 
-        Run in a child limited to 1 GiB of address space: today the decode dies with MemoryError (without
+        Run in a child limited to 512 MiB of address space: today the decode dies with MemoryError (without
         the limit the kernel's OOM killer ends the runner). Fixed means a DecodeError, or a result no
         larger than the payload, well inside the limit.
         """
@@ -114,7 +114,7 @@ class TestKnownBugs:
 
 _ALIASED = """
 import resource, struct
-resource.setrlimit(resource.RLIMIT_AS, (1 << 30, 1 << 30))
+resource.setrlimit(resource.RLIMIT_AS, (512 << 20, 512 << 20))
 
 def aliased(n, name_len, token):
     # HTTPReqCall with only headers (slot 5) and conf_token (slot 6); the header vector holds n
