@@ -11,7 +11,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
-from .app import EXIT_STARTUP_FAILURE, run
+from .app import EXIT_STARTUP_FAILURE, exit_now, run
 from .logs import configure_logging
 from .registry import PluginRegistry, RegistryError
 from .settings import SettingsError, load_settings
@@ -61,8 +61,10 @@ def _run(args: argparse.Namespace) -> int:
     if settings.workers > 1:
         from .supervisor import Supervisor
 
-        return Supervisor(settings, registry).run()
-    return run(settings, registry)
+        code = Supervisor(settings, registry).run()
+    else:
+        code = run(settings, registry)
+    return exit_now(code)  # the process ends here, without the interpreter's slow teardown
 
 
 def build_parser() -> argparse.ArgumentParser:

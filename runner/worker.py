@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .app import EXIT_STARTUP_FAILURE, run
+from .app import EXIT_STARTUP_FAILURE, exit_now, run
 from .balance import ConnectionBalance
 from .logs import configure_logging
 from .metrics import MetricsSource, RPCStats, live_view, to_json
@@ -105,4 +105,4 @@ def main(argv: list[str]) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(sys.argv[1:]))
+    exit_now(main(sys.argv[1:]))
