@@ -899,7 +899,7 @@ def _fuzzed_vars(reader: ByteReader, names: Sequence[str]) -> dict[str, str | No
         "ssl_server_name": ("a.fuzz.example", "A.FUZZ.EXAMPLE.", None, "b.fuzz.example"),
         "host": ("a.fuzz.example", "a.fuzz.example:443", None, "[::1]"),
         "scheme": ("https", "http", None, "HTTPS"),
-        "realip_remote_addr": ("10.1.2.3", "::ffff:10.0.0.1", "fd00::1", "127.0.0.1", "11.0.0.1", None),
+        "realip_remote_addr": ("10.1.2.3", "::ffff:10.0.0.1", "fd00::1", "127.0.0.1", "11.0.0.1", "::ffff:b00:1", None),
     }
     out: dict[str, str | None] = {}
     for name in names:
@@ -915,12 +915,27 @@ _POLICIES: Final = {
     "report": compile_policy(_REPORT_POLICY),
     "xfcc": compile_policy(_XFCC_POLICY),
     "rfc9440": compile_policy(_RFC9440_POLICY),
+    # Every identity check at once; the fixture leaf fails the SAN one, so nothing is ever verified.
+    "strict": compile_policy(
+        {
+            "require_sni_match": False,
+            "require": {
+                "ca": CA_PEM,
+                "san": {"dns": ["other.fuzz.example"], "uri": ["spiffe://fuzz/*"]},
+                "subject": {"CN": ["fuzz-client"]},
+                "issuer": {"CN": ["Fuzz Root CA"]},
+            },
+        }
+    ),
 }
+# The fixture leaf is valid from 2025 to 2125: these instants are inside, after and before that.
+_INSTANTS: Final = (_NOW, datetime(2200, 1, 1, tzinfo=UTC), datetime(2020, 1, 1, tzinfo=UTC))
 
 
 def _check_decide(reader: ByteReader) -> None:
     name = reader.pick(sorted(_POLICIES))
     policy = _POLICIES[name]
+    now = reader.pick(_INSTANTS)
     method = reader.pick((*METHOD_NAMES, "get", "CONNECT"))
     path = reader.pick(("/public/abc", "/public/%61bc", "/admin", None, "", "/public/abc/", reader.text()))
     headers: list[tuple[str, str | None]] = []
@@ -929,12 +944,12 @@ def _check_decide(reader: ByteReader) -> None:
         value = reader.pick((_XFCC_LEAF, _RFC9440_LEAF, quote(LEAF_PEM, safe=""), None, ""))
         headers.append((header, reader.text() if reader.byte() & 1 else value))
     facts = RequestInput(method=method, path=path, headers=tuple(headers))
-    outcome = policy.decide(facts, None, now=_NOW, cache=_CACHE)
+    outcome = policy.decide(facts, None, now=now, cache=_CACHE)
     values: dict[str, str | None] = {}
     if isinstance(outcome, NeedVars):
         _require(set(outcome.names) <= set(VAR_ORDER), f"NeedVars asks for unknown variables {outcome.names}")
         values = _fuzzed_vars(reader, outcome.names)
-        outcome = policy.decide(facts, values, now=_NOW, cache=_CACHE)
+        outcome = policy.decide(facts, values, now=now, cache=_CACHE)
         _require(isinstance(outcome, Decision), "the policy asked for variables twice")
     assert isinstance(outcome, Decision)
     policy.upstream_headers(outcome, facts.headers)
@@ -948,6 +963,8 @@ def _check_decide(reader: ByteReader) -> None:
             _require(_exempt_by_fixture_rule(method, path), f"exempted {method} {path!r}")
         return
     _require(outcome.reason is Reason.VERIFIED, f"allowed in enforce mode with reason {outcome.reason}")
+    _require(now == _NOW, f"a certificate outside its validity was accepted at {now:%Y}")
+    _require(name != "strict", "the strict policy verified a certificate whose SAN it does not accept")
     if isinstance(config.source, ApisixSource):
         _require(values.get("ssl_client_verify") == "SUCCESS", "verified without ssl_client_verify=SUCCESS")
         _require(values.get("scheme") == "https", "verified over plain http")

@@ -215,6 +215,7 @@ def session_seeds() -> Iterator[tuple[str, bytes]]:
         "report": converse([_req(3)], {**GOOD_VARS, "ssl_client_verify": "NONE"}),
         "xfcc-trusted": converse([_req(4, headers=xfcc)]),
         "xfcc-untrusted": converse([_req(4, headers=xfcc)], {**GOOD_VARS, "realip_remote_addr": "11.0.0.1"}),
+        "xfcc-mapped": converse([_req(4, headers=xfcc)], {**GOOD_VARS, "realip_remote_addr": "::ffff:10.9.8.7"}),
         "rfc9440": converse(
             [_req(5, headers=(("client-cert", RFC9440_LEAF),))], {**GOOD_VARS, "realip_remote_addr": "127.0.0.1"}
         ),
@@ -314,7 +315,7 @@ def policy_seeds() -> Iterator[tuple[str, bytes]]:
     names = sorted(harness._POLICIES)
     for name in names:
         for path_pick in (0, 2):
-            yield f"decide-{name}-{path_pick}", bytes([4, names.index(name), 0, path_pick, 1, 0, 0, 0]) + bytes(8)
+            yield f"decide-{name}-{path_pick}", bytes([4, names.index(name), 0, 0, path_pick, 1, 0, 0, 0]) + bytes(8)
     rng = random.Random(20240601)  # noqa: S311 - reproducible seeds, not secrets
     for i in range(12):
         yield f"decide-random-{i:02d}", bytes([4]) + rng.randbytes(48)
