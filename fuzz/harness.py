@@ -89,15 +89,8 @@ class OracleViolation(AssertionError):
 
 
 KNOWN_ISSUES: Final[Mapping[str, str]] = {
-    "overlapping-strings": (
-        "text_entries() decodes every [TextEntry] element separately, so elements that share one table or "
-        "overlapping strings turn a small payload into far more text (131 KB -> 1 GiB of header names, "
-        "1.3 MB -> 64 GiB): memory exhaustion; regression: tests/fuzz/test_regressions.py"
-    ),
-    "policy-lone-surrogate": (
-        "compile_policy() raises UnicodeEncodeError, not PolicyError, for a lone surrogate in reject.body "
-        "(a JSON \\udcXX escape); regression: tests/fuzz/test_regressions.py"
-    ),
+    # none open; fixed so far: overlapping-strings (decoded-text budget in text_entries),
+    # policy-lone-surrogate (schema rejects lone surrogates with a PolicyError)
 }
 """Bugs already reported (each has a strict-xfail regression test). A fuzzing run tolerates them so
 that CI keeps flagging only new problems; set FUZZ_STRICT=1 to stop tolerating them."""

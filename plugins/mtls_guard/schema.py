@@ -419,8 +419,26 @@ TOP_LEVEL_KEYS: Final = frozenset(
 )
 
 
+def _require_unicode(value: object, path: str) -> None:
+    """JSON ``\\udcXX`` escapes (and YAML's) can produce lone surrogates, which no later step can
+    encode; reject them here, naming the key, instead of failing deep inside compilation."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            raise PolicyError(path, "contains a lone surrogate (an invalid \\uD800-\\uDFFF escape)") from None
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _require_unicode(key, path)
+            _require_unicode(item, join_path(path, str(key)))
+    elif isinstance(value, list | tuple):
+        for index, item in enumerate(value):
+            _require_unicode(item, join_path(path, index))
+
+
 def parse_policy(value: object, path: str = "", *, name: str | None = None) -> PolicyConfig:
     """Validate one policy object (without a ``policy`` reference: resolve that first)."""
+    _require_unicode(value, path)
     m = read_object(value, path, TOP_LEVEL_KEYS)
     if "policy" in m:
         raise PolicyError(join_path(path, "policy"), "a named-policy reference is not allowed here")

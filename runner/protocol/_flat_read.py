@@ -173,6 +173,10 @@ def text_entries(buf: bytes, field: int, errors: str = "surrogateescape") -> Pai
     """
     first, count = _vector(buf, field, 4)
     n = len(buf)
+    # Entries may point at the same or overlapping strings; without a budget a 1 MB frame could
+    # expand into gigabytes of text. Honest encoders never share strings, so the decoded text
+    # cannot exceed the frame itself.
+    budget = n
     shapes: _Shapes = {}
     out: list[tuple[str, str | None]] = []
     append = out.append
@@ -198,6 +202,7 @@ def text_entries(buf: bytes, field: int, errors: str = "surrogateescape") -> Pai
             end = start + u32(buf, start - 4)[0]
             if end >= n or buf[end]:
                 raise DecodeError("truncated string")
+            budget -= end - start
             name = buf[start:end].decode("utf-8", errors)
             if value_off:
                 start = t + value_off
@@ -207,9 +212,12 @@ def text_entries(buf: bytes, field: int, errors: str = "surrogateescape") -> Pai
                 end = start + u32(buf, start - 4)[0]
                 if end >= n or buf[end]:
                     raise DecodeError("truncated string")
+                budget -= end - start
                 append((name, buf[start:end].decode("utf-8", errors)))
             else:
                 append((name, None))
+            if budget < 0:
+                raise DecodeError("entries share strings: decoded text larger than the frame")
     except UnicodeDecodeError as exc:
         raise DecodeError("string is not UTF-8") from exc
     return tuple(out)

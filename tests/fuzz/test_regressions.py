@@ -86,27 +86,24 @@ class TestHarness:
             harness.check_session(seed.read_bytes())
 
 
-# --- known bugs, as minimal direct reproducers ------------------------------------------------------
+# --- fixed bugs, as minimal direct reproducers -------------------------------------------------------
 
 
-class TestKnownBugs:
-    @pytest.mark.xfail(strict=True, reason=harness.KNOWN_ISSUES["policy-lone-surrogate"])
+class TestFixedBugs:
     def test_lone_surrogate_in_reject_body_is_a_policy_error(self) -> None:
         """compile_policy documents PolicyError for a bad policy; a \\udcXX escape in reject.body is one."""
         with pytest.raises(PolicyError):
             compile_policy('{"reject": {"body": "\\udcde"}}')
 
-    @pytest.mark.xfail(strict=True, reason=harness.KNOWN_ISSUES["overlapping-strings"])
     def test_aliased_header_entries_do_not_amplify(self) -> None:
         """A 1.3 MB HTTPReqCall whose 65,536 header entries share one 1 MiB name must not decode into 64 GiB.
 
-        Run in a child limited to 512 MiB of address space: today the decode dies with MemoryError (without
-        the limit the kernel's OOM killer ends the runner). Fixed means a DecodeError, or a result no
-        larger than the payload, well inside the limit.
+        Run in a child limited to 512 MiB of address space: before the fix the decode died with MemoryError
+        (without the limit the kernel's OOM killer ended the runner). Now it is a DecodeError, or a result
+        no larger than the payload, well inside the limit.
         """
         assert _child(_AMPLIFY_CODEC) == "bounded"
 
-    @pytest.mark.xfail(strict=True, reason=harness.KNOWN_ISSUES["overlapping-strings"])
     def test_session_survives_aliased_headers(self) -> None:
         """Through a Session and mtls-guard the same frame must get one Err frame at modest memory cost."""
         assert _child(_AMPLIFY_SESSION) == "BAD_REQUEST small"
