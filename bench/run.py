@@ -132,8 +132,10 @@ def measure(server: ServerProcess, connections: int, opts: Options) -> dict[str,
         cmd += ["--requests", str(opts.requests)]
     if opts.client_cpu is not None:
         cmd += ["--cpu", str(opts.client_cpu)]
-    best: dict[str, Any] | None = None
-    for _ in range(opts.repeat):
+    # Up to twice the requested repeats: noisy runs (other processes on our cores) are retried, and a
+    # clean run always beats a noisy one; among equals the best throughput is kept.
+    runs: list[dict[str, Any]] = []
+    for _ in range(2 * opts.repeat):
         idle_before = wait_for_quiet(opts.quiet_wait)
         timeout = opts.warmup + opts.duration + 30
         try:
@@ -147,10 +149,12 @@ def measure(server: ServerProcess, connections: int, opts: Options) -> dict[str,
         _derive(result, opts)
         if not result.get("ok"):
             return result  # a failure is reported, never hidden behind a better repeat
-        if best is None or result["rps"] > best["rps"]:
-            best = result
-    assert best is not None
-    best["repeats"] = opts.repeat
+        runs.append(result)
+        if sum(not r["noisy"] for r in runs) >= opts.repeat:
+            break
+    best = max(runs, key=lambda r: (not r["noisy"], r["rps"]))
+    best["runs"] = len(runs)
+    best["clean_runs"] = sum(not r["noisy"] for r in runs)
     return best
 
 
@@ -311,7 +315,7 @@ def report(points: list[dict[str, Any]], facts: dict[str, Any], opts: Options, r
         f"- Pinning: load generator on CPU {opts.client_cpu}, server on CPU {opts.server_cpu} "
         f"(os.sched_setaffinity), one process each; load generator loop: {opts.client_loop}",
         f"- Each point: {opts.warmup:g} s warm-up, {opts.duration:g} s measured"
-        + (f", best of {opts.repeat}" if opts.repeat > 1 else "")
+        + (f", best of {opts.repeat} (noisy runs retried, clean runs preferred)" if opts.repeat > 1 else "")
         + "; one exchange at a time per connection; 1 ExtraInfo round trip per request unless noted",
         f"- Code: git {facts['git_commit']}"
         + (f" + uncommitted changes in {', '.join(facts['runner_tree_dirty'])}" if facts["runner_tree_dirty"] else ""),
@@ -382,6 +386,12 @@ def report(points: list[dict[str, Any]], facts: dict[str, Any], opts: Options, r
     return "\n".join(lines) + "\n"
 
 
+def _verdict(met: bool, noisy: bool) -> str:
+    if noisy:
+        return f"inconclusive (noisy run; would be {'met' if met else 'missed'}) — rerun on a quiet machine"
+    return "MET" if met else "MISSED"
+
+
 def _targets(points: list[dict[str, Any]]) -> list[str]:
     out = []
     for rp in points:
@@ -402,18 +412,18 @@ def _targets(points: list[dict[str, Any]]) -> list[str]:
         if not rp.get("ok") or fp is None or not fp.get("ok"):
             out.append(f"- {name}: not measured (failed run)")
             continue
+        noisy = rp["noisy"] or fp["noisy"]
         ratio = rp["rps"] / fp["rps"]
         cpu_ratio = fp["server_us_per_req"] / rp["server_us_per_req"]
-        verdict = "MET" if ratio >= TARGET_RATIO else "MISSED"
         out.append(
-            f"- {name}: runner/floor throughput {ratio:.0%} (target >= {TARGET_RATIO:.0%}): **{verdict}**; "
-            f"server CPU per request: floor {fp['server_us_per_req']:.1f} µs, runner {rp['server_us_per_req']:.1f} µs "
-            f"(floor/runner {cpu_ratio:.0%})"
+            f"- {name}: runner/floor throughput {ratio:.0%} (target >= {TARGET_RATIO:.0%}): "
+            f"**{_verdict(ratio >= TARGET_RATIO, noisy)}**; server CPU per request: floor "
+            f"{fp['server_us_per_req']:.1f} µs, runner {rp['server_us_per_req']:.1f} µs (floor/runner {cpu_ratio:.0%})"
             + (" — the floor run was client-bound, so its req/s is a lower bound" if fp["client_bound"] else "")
         )
         lo, hi = OFFICIAL_RUNNER_RPS
         factor = rp["rps"] / hi
-        verdict = "MET" if factor >= TARGET_VS_OFFICIAL else "MISSED"
+        verdict = _verdict(factor >= TARGET_VS_OFFICIAL, rp["noisy"])
         out.append(
             f"- {name}: {rp['rps']:,.0f} req/s = {factor:.1f}x-{rp['rps'] / lo:.1f}x the official Python runner's "
             f"{lo:,}-{hi:,} req/s (figure quoted in the task brief, not measured here; target >= "
