@@ -26,6 +26,7 @@ import tracemalloc
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import ClassVar
 
 import pytest
 
@@ -144,10 +145,14 @@ async def request(apisix: FakeApisix, probe: Probe, entries: tuple = GUARD, key:
 class RawConn:
     """One runner connection driven frame by frame (for conversations APISIX would not finish)."""
 
+    live: ClassVar[set[RawConn]] = set()
+    """Connections not closed yet: ``serving()`` closes what a failing test left open."""
+
     def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.reader = reader
         self.writer = writer
         self.decoder = codec.FrameDecoder()
+        RawConn.live.add(self)
 
     @classmethod
     async def open(cls, path: str) -> RawConn:
@@ -221,6 +226,7 @@ class RawConn:
         return outcome_of(await self.call(frame, probe.vars))
 
     def close(self) -> None:
+        RawConn.live.discard(self)
         self.writer.close()
 
 
@@ -266,11 +272,13 @@ def guarded_call(token: int, probe: Probe = PROTECTED, call_id: int = 1) -> byte
 @dataclass
 class Healthy:
     """A pooled FakeApisix (one connection) cycling through the probes beside a fault; every answer
-    must be exactly right and is timed."""
+    must be exactly right and is timed. ``async with`` connects it, starts the background requests
+    (unless ``background`` is false) and always closes it, whatever happens in the block."""
 
     path: str
     ledger: Ledger
     interval: float = 0.002
+    background: bool = True
     apisix: FakeApisix = field(init=False)
     latencies: list[float] = field(default_factory=list)
     wrong: list[tuple[str, ApisixOutcome]] = field(default_factory=list)
@@ -279,6 +287,20 @@ class Healthy:
 
     def __post_init__(self) -> None:
         self.apisix = FakeApisix(self.path, pool_size=1, timeout=5)
+
+    async def __aenter__(self) -> Healthy:
+        try:
+            await self.one(PROBES[0])  # connect and prepare: the connection then stays open
+        except BaseException:
+            await self.apisix.close()
+            raise
+        self.latencies.clear()
+        if self.background:
+            self._task = asyncio.ensure_future(self._loop())
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.stop()
 
     async def one(self, probe: Probe) -> None:
         started = time.perf_counter()
@@ -295,17 +317,19 @@ class Healthy:
             i += 1
             await asyncio.sleep(self.interval)
 
-    async def start(self) -> None:
-        """Connect and prepare (the connection then stays open), then keep requesting in the background."""
-        await self.one(PROBES[0])
-        self.latencies.clear()
-        self._task = asyncio.ensure_future(self._loop())
-
-    async def stop(self) -> None:
+    async def stop(self, at_least: int = 0) -> None:
+        """Stop once ``at_least`` requests were made in all (a loaded machine may need a moment)."""
+        deadline = time.monotonic() + 10
+        while self._task is not None and len(self.latencies) < at_least and time.monotonic() < deadline:
+            if self.wrong:
+                break
+            await asyncio.sleep(0.01)
         self._stop.set()
-        if self._task is not None:
-            await self._task
-        await self.apisix.close()
+        try:
+            if self._task is not None:
+                await self._task
+        finally:
+            await self.apisix.close()
 
     def assert_served(self, minimum: int = 20, max_latency: float | None = None) -> None:
         assert not self.wrong, f"healthy connection got wrong answers: {self.wrong[:5]}"
@@ -415,6 +439,7 @@ async def serving(path: str, registry: PluginRegistry | None = None, **settings:
     try:
         yield server
     finally:
+        close_all(list(RawConn.live))
         server.stop()
         await task
 

@@ -202,34 +202,33 @@ class TestSocketDeletedProcess:
 
         async def main() -> tuple[Ledger, Healthy, float, list[tuple[bool, int, bool]]]:
             ledger = Ledger()
-            healthy = Healthy(sock_path, ledger)
-            await healthy.start()
-            established = await RawConn.open(sock_path)
-            try:
-                token = await established.prepare()
-                readyz: list[tuple[bool, int, bool]] = []
-                assert await http_get(port, "/readyz") == 200
-                os.unlink(sock_path)
-                started = time.monotonic()
-                while True:
+            async with Healthy(sock_path, ledger) as healthy:
+                established = await RawConn.open(sock_path)
+                try:
+                    token = await established.prepare()
+                    readyz: list[tuple[bool, int, bool]] = []
+                    assert await http_get(port, "/readyz") == 200
+                    os.unlink(sock_path)
+                    started = time.monotonic()
+                    while True:
+                        await readyz_probe(port, sock_path, readyz)
+                        if os.path.exists(sock_path):
+                            async with FakeApisix(sock_path) as fresh:
+                                outcome = await request(fresh, PROTECTED)
+                                ledger.record(PROTECTED, outcome)
+                                if correct(PROTECTED, outcome):
+                                    break
+                        assert time.monotonic() - started < 10, "the runner did not serve again"
+                        await asyncio.sleep(0.02)
+                    served_after = time.monotonic() - started
+                    await asyncio.sleep(0.1)
                     await readyz_probe(port, sock_path, readyz)
-                    if os.path.exists(sock_path):
-                        async with FakeApisix(sock_path) as fresh:
-                            outcome = await request(fresh, PROTECTED)
-                            ledger.record(PROTECTED, outcome)
-                            if correct(PROTECTED, outcome):
-                                break
-                    assert time.monotonic() - started < 10, "the runner did not serve again"
-                    await asyncio.sleep(0.02)
-                served_after = time.monotonic() - started
-                await asyncio.sleep(0.1)
-                await readyz_probe(port, sock_path, readyz)
-                outcome = await established.decide(token, PROTECTED)
-                ledger.record(PROTECTED, outcome)
-                assert correct(PROTECTED, outcome), outcome
-            finally:
-                established.close()
-                await healthy.stop()
+                    outcome = await established.decide(token, PROTECTED)
+                    ledger.record(PROTECTED, outcome)
+                    assert correct(PROTECTED, outcome), outcome
+                finally:
+                    established.close()
+                await healthy.stop(at_least=20)
             return ledger, healthy, served_after, readyz
 
         ledger, healthy, served_after, readyz = asyncio.run(main())
@@ -357,27 +356,30 @@ class TestThousandConnectionsWorkers:
 
         async def main() -> tuple[Ledger, Healthy, dict[int, int]]:
             ledger = Ledger()
-            healthy = Healthy(sock_path, ledger)
-            await healthy.start()
-            token_conn = await RawConn.open(sock_path)
-            token = await token_conn.prepare()
-            token_conn.close()
-            conns: list[RawConn] = []
-            try:
-                opened = await asyncio.gather(*(RawConn.open(sock_path) for _ in range(count)), return_exceptions=True)
-                conns = [c for c in opened if isinstance(c, RawConn)]
-                refused = [e for e in opened if not isinstance(e, RawConn)]
-                assert not refused, f"{len(refused)} of {count} connects refused: {refused[0]!r}"
-                outcomes = await asyncio.gather(
-                    *(c.decide(token, PROBES[i % 4], call_id=i) for i, c in enumerate(conns))
-                )
-                for i, outcome in enumerate(outcomes):
-                    ledger.record(PROBES[i % 4], outcome)
-                    assert correct(PROBES[i % 4], outcome), outcome
-                peak = {pid: settled_fds(pid, samples=1) - worker_fds[pid] for pid in workers}
-            finally:
-                close_all(conns)
-                await healthy.stop()
+            async with Healthy(sock_path, ledger) as healthy:
+                token_conn = await RawConn.open(sock_path)
+                try:
+                    token = await token_conn.prepare()
+                finally:
+                    token_conn.close()
+                conns: list[RawConn] = []
+                try:
+                    opened = await asyncio.gather(
+                        *(RawConn.open(sock_path) for _ in range(count)), return_exceptions=True
+                    )
+                    conns = [c for c in opened if isinstance(c, RawConn)]
+                    refused = [e for e in opened if not isinstance(e, RawConn)]
+                    assert not refused, f"{len(refused)} of {count} connects refused: {refused[0]!r}"
+                    outcomes = await asyncio.gather(
+                        *(c.decide(token, PROBES[i % 4], call_id=i) for i, c in enumerate(conns))
+                    )
+                    for i, outcome in enumerate(outcomes):
+                        ledger.record(PROBES[i % 4], outcome)
+                        assert correct(PROBES[i % 4], outcome), outcome
+                    peak = {pid: settled_fds(pid, samples=1) - worker_fds[pid] for pid in workers}
+                finally:
+                    close_all(conns)
+                await healthy.stop(at_least=5)
             return ledger, healthy, peak
 
         ledger, healthy, peak = asyncio.run(main())
