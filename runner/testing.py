@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import asyncio
 import ipaddress
+import socket
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -178,7 +179,19 @@ class FakeApisix:
             if not (conn.reader.at_eof() or conn.writer.is_closing()):
                 return conn
             conn.close()  # nginx's keepalive pool drops connections the runner closed (e.g. a restart)
-        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(self.path), 1.0)
+        # Connect the way nginx does: non-blocking, and EAGAIN (the runner's listen queue is full)
+        # is a failure, not "in progress" as asyncio would take it on a Unix socket.
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(self.path)
+        except BlockingIOError:
+            sock.close()
+            raise ConnectionRefusedError(f"connect() to unix:{self.path} failed (EAGAIN: listen queue full)") from None
+        except OSError:
+            sock.close()
+            raise
+        reader, writer = await asyncio.wait_for(asyncio.open_unix_connection(sock=sock), 1.0)
         return _Conn(reader, writer)
 
     def _release(self, conn: _Conn) -> None:
