@@ -26,7 +26,7 @@ from typing import Any
 from runner.confcache import ConfStore
 from runner.driver import CoroutineDriver
 from runner.protocol import codec
-from runner.protocol.messages import ConfEntry, HTTPReqCallReply, VarQuery
+from runner.protocol.messages import ConfEntry, VarQuery
 from runner.session import Session, SessionConfig
 
 from .floor import REQUEST_ID
@@ -93,13 +93,7 @@ def components(scenario: Scenario, replay: Replay) -> dict[str, Callable[[], obj
     request = replay.request
     payload = request[4:]
     answer = codec.extra_info_result_frame(b"api.example.com")
-    reply = HTTPReqCallReply(REQUEST_ID)
     decoder = codec.FrameDecoder()
-
-    def frame_split() -> None:
-        decoder.feed(request)
-        decoder.next_frame()
-        decoder.next_frame()
 
     async def noop() -> None:
         return None
@@ -108,11 +102,11 @@ def components(scenario: Scenario, replay: Replay) -> dict[str, Callable[[], obj
         CoroutineDriver(noop(), lambda _r, _e: None, _call_now).step()
 
     return {
-        "FrameDecoder feed + next_frame x2 (one frame)": frame_split,
+        "FrameDecoder.frames (one whole frame per read)": lambda: decoder.frames(request),
         "decode_http_req_call (lazy view)": lambda: codec.decode_http_req_call(payload),
         "decode_extra_info_result": lambda: codec.decode_extra_info_result(answer[4:]),
         "extra_info_query_frame(VarQuery) (cached)": lambda: codec.extra_info_query_frame(VarQuery("host")),
-        "http_req_call_reply_frame (no action)": lambda: codec.http_req_call_reply_frame(reply),
+        "http_req_call_action_frame (no action)": lambda: codec.http_req_call_action_frame(REQUEST_ID, None),
         "CoroutineDriver: create + run a no-op coroutine": driver,
     }
 

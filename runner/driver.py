@@ -61,8 +61,13 @@ class CoroutineDriver:
         on_done: Callable[[Any, BaseException | None], None],
         schedule: Callable[[Callable[[], None]], object],
     ) -> None:
-        self._coro = coro
         self._on_done = on_done
+        self._start(coro, schedule)
+
+    def _start(self, coro: Coroutine[Any, Any, Any], schedule: Callable[[Callable[[], None]], object]) -> None:
+        """Set up everything but ``on_done``: for subclasses that override :meth:`_finish` instead
+        (the session's call object reports to the session directly, with no callback object)."""
+        self._coro = coro
         self._schedule = schedule
         self._foreign: Any = None
         self.finished = False
@@ -112,5 +117,6 @@ class CoroutineDriver:
         self.step()
 
     def _finish(self, result: Any, error: BaseException | None) -> None:
+        """Report the outcome once (subclasses may override this instead of passing ``on_done``)."""
         self.finished = True
         self._on_done(result, error)

@@ -122,6 +122,22 @@ def _text(raw: bytes | None) -> str | None:
     return None if raw is None else raw.decode("utf-8", "surrogateescape")
 
 
+_VAR_QUERY_CACHE_SIZE = 1024
+_var_queries: dict[str, VarQuery] = {}
+
+
+def _var_query(name: str) -> VarQuery:
+    """The (immutable, so shareable) VarQuery for ``name``: building a frozen dataclass per variable
+    per request costs more than the rest of asking for it. Names come from plugin code, so the set is
+    small; the bound only guards misuse."""
+    query = _var_queries.get(name)
+    if query is None:
+        query = VarQuery(name)
+        if len(_var_queries) < _VAR_QUERY_CACHE_SIZE:
+            _var_queries[name] = query
+    return query
+
+
 class _ExtraInfoMixin:
     __slots__ = ()
     _channel: ExtraInfoChannel
@@ -131,7 +147,7 @@ class _ExtraInfoMixin:
         """Variables (nginx/APISIX ``ctx.var``) in one pipelined round trip; absent ones are None."""
         missing = [n for n in dict.fromkeys(names) if n not in self._vars]
         if missing:
-            results = await self._channel.query([VarQuery(n) for n in missing])
+            results = await self._channel.query([_var_query(n) for n in missing])
             for name, raw in zip(missing, results, strict=True):
                 self._vars[name] = _text(raw)
         return {n: self._vars[n] for n in names}
@@ -140,7 +156,7 @@ class _ExtraInfoMixin:
         # Same as ``(await self.vars(name))[name]``, without the batching machinery (hot path).
         if name in self._vars:
             return self._vars[name]
-        (raw,) = await self._channel.query([VarQuery(name)])
+        (raw,) = await self._channel.query([_var_query(name)])
         value = self._vars[name] = _text(raw)
         return value
 

@@ -14,9 +14,10 @@ from __future__ import annotations
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from types import CoroutineType
+from typing import Any, TypeAlias
 
 from .confcache import Chain, ConfStore
 from .driver import CoroutineDriver, Pending
@@ -29,6 +30,7 @@ from .protocol.messages import (
     ExtraInfoQuery,
     HTTPReqCallReply,
     HTTPRespCallReply,
+    Rewrite,
     RPCType,
     Stop,
 )
@@ -47,6 +49,8 @@ _HTTP_REQ_CALL = int(RPCType.HTTP_REQ_CALL)
 _EXTRA_INFO = int(RPCType.EXTRA_INFO)
 _HTTP_RESP_CALL = int(RPCType.HTTP_RESP_CALL)
 
+_View: TypeAlias = codec.HTTPReqCall | codec.HTTPRespCall
+
 
 @dataclass(frozen=True, slots=True)
 class SessionConfig:
@@ -56,17 +60,57 @@ class SessionConfig:
     observers: tuple[RPCObserver, ...] = field(default=())
 
 
-class _Call:
-    """A plugin chain in progress on this connection."""
+class _Call(CoroutineDriver):
+    """A plugin chain in progress on this connection, and the driver of its coroutine.
 
-    __slots__ = ("driver", "id", "plugin", "rpc_type", "started")
+    One object per call that reports its outcome to the session itself (``_finish``) rather than
+    through an ``on_done`` closure: fewer allocations per request, and no reference cycle, so a
+    finished call is freed at once instead of waiting for the cyclic garbage collector.
+    """
 
-    def __init__(self, rpc_type: int, call_id: int, started: float) -> None:
+    __slots__ = ("_view", "id", "plugin", "request", "rpc_type", "session", "started")
+
+    def __init__(self, session: Session, rpc_type: int, view: _View, started: float) -> None:
+        self.session = session
         self.rpc_type = rpc_type
-        self.id = call_id
+        self.id = view.id
         self.started = started
         self.plugin = ""
-        self.driver: CoroutineDriver | None = None
+        self.request: HTTPRequest | None = None
+        self._view = view
+
+    def run(self, chain: Chain) -> None:
+        """Start the chain (once this is the session's current call): run it to its first wait or end."""
+        view = self._view
+        coro: Coroutine[Any, Any, Any]
+        if isinstance(view, codec.HTTPReqCall):
+            self.request = HTTPRequest(view, self.session)
+            coro = self._request_coroutine(chain, self.request)
+        else:
+            coro = _run_response_chain(chain, HTTPResponse(view, self.session), self)
+        self._start(coro, self.session._schedule)
+        self.step()
+
+    def _request_coroutine(self, chain: Chain, request: HTTPRequest) -> Coroutine[Any, Any, Any]:
+        """The coroutine running ``chain`` on ``request``: it returns the first Stop, or None."""
+        if len(chain) != 1:
+            return _run_request_chain(chain, request, self)
+        # One plugin, the usual route: its own coroutine is driven directly, without the chain loop
+        # around it (one coroutine frame less on every resume). Session._finish checks its result
+        # as the loop does; whatever the loop would have turned into an Err reply still is one.
+        link = chain[0]
+        self.plugin = link.name
+        try:
+            awaitable = link.plugin.on_request(link.conf, request)
+        except BaseException as exc:  # noqa: BLE001 - inside the loop this was a plugin failure too
+            return _raise(exc)
+        if type(awaitable) is CoroutineType:
+            return awaitable
+        return _await(awaitable)  # not a coroutine (or not awaitable): fails or works as in the loop
+
+    def _finish(self, result: Any, error: BaseException | None) -> None:
+        self.finished = True
+        self.session._finish(self, result, error)
 
 
 class Session:
@@ -116,13 +160,17 @@ class Session:
         if self.closed:
             return
         self.last_activity = time.monotonic()
+        decoder = self._decoder
         try:
-            self._decoder.feed(data)
-            while not self.closed:
-                frame = self._decoder.next_frame()
-                if frame is None:
+            for rpc_type, payload in decoder.frames(data):
+                if rpc_type == _EXTRA_INFO:  # the most frequent frame: no dispatch call for it
+                    self._on_extra_info(payload)
+                else:
+                    self._on_frame(rpc_type, payload)
+                if self.closed:
                     return
-                self._on_frame(frame.type, frame.payload)
+            if decoder.error is not None:
+                raise decoder.error  # a bad header after the frames just handled (see frames())
         except codec.DecodeError as exc:
             self._abort(f"malformed frame: {exc}")
         except ProtocolViolation as exc:
@@ -132,8 +180,8 @@ class Session:
         """The peer went away: abandon a running call; nothing can be answered any more."""
         self.closed = True
         call, self._call = self._call, None
-        if call is not None and call.driver is not None:
-            call.driver.cancel()
+        if call is not None:
+            call.cancel()
         self._outstanding.clear()
 
     def enforce_deadline(self, now: float) -> None:
@@ -141,8 +189,7 @@ class Session:
         call = self._call
         if call is None or now - call.started < self._config.call_timeout:
             return
-        if call.driver is not None:
-            call.driver.cancel()
+        call.cancel()
         self._discard += sum(size - len(results) for _, results, size in self._outstanding)
         self._outstanding.clear()
         what = f"plugin {call.plugin!r}" if call.plugin else "call"
@@ -181,11 +228,7 @@ class Session:
         started = time.perf_counter()
         call_id = 0
         try:
-            view: codec.HTTPReqCall | codec.HTTPRespCall
-            if rpc_type == _HTTP_REQ_CALL:
-                view = codec.decode_http_req_call(payload)
-            else:
-                view = codec.decode_http_resp_call(payload)
+            view: _View = codec.HTTPReqCall(payload) if rpc_type == _HTTP_REQ_CALL else codec.HTTPRespCall(payload)
             call_id = view.id
             chain = self._config.store.lookup(view.conf_token)
         except (RunnerError, codec.DecodeError) as exc:
@@ -197,16 +240,8 @@ class Session:
             self._write(_empty_reply(rpc_type, call_id))
             self._observe(rpc_type, "ok", started)
             return
-        call = _Call(rpc_type, call_id, started)
-        self._call = call
-        if rpc_type == _HTTP_REQ_CALL:
-            assert isinstance(view, codec.HTTPReqCall)
-            coro: Any = _run_request_chain(chain, HTTPRequest(view, self), call)
-        else:
-            assert isinstance(view, codec.HTTPRespCall)
-            coro = _run_response_chain(chain, HTTPResponse(view, self), call)
-        call.driver = CoroutineDriver(coro, lambda result, error: self._finish(call, result, error), self._schedule)
-        call.driver.step()
+        call = self._call = _Call(self, rpc_type, view, started)
+        call.run(chain)
 
     def _finish(self, call: _Call, result: Any, error: BaseException | None) -> None:
         if self._call is not call or self.closed:
@@ -214,8 +249,17 @@ class Session:
         if error is not None:
             self._fail(call, error)
             return
+        request = call.request
+        if request is not None and result is not None and not isinstance(result, Stop):
+            # Only a one-plugin chain gets here (the chain loop checks each plugin's result itself).
+            what = type(result).__name__
+            self._fail(call, PluginFailure(f"plugin {call.plugin!r} returned {what}, not Stop or None"))
+            return
         try:
-            frame = _reply_frame(call, result)
+            if request is not None:
+                frame = _request_reply_frame(call.id, result if result is not None else request.rewrite())
+            else:
+                frame = codec.http_resp_call_reply_frame(result)
         except Exception as exc:  # noqa: BLE001 - e.g. a non-str header value; must become an Err reply
             self._fail(call, PluginFailure(f"plugin produced an invalid reply: {type(exc).__name__}: {exc}"))
             return
@@ -224,7 +268,8 @@ class Session:
             self._discard += sum(size - len(results) for _, results, size in self._outstanding)
             self._outstanding.clear()
         self._write(frame)
-        self._observe(call.rpc_type, "ok", call.started)
+        if self._config.observers:
+            self._observe(call.rpc_type, "ok", call.started)
 
     def _fail(self, call: _Call, error: BaseException) -> None:
         self._call = None
@@ -268,8 +313,8 @@ class Session:
         self._outstanding.popleft()
         pending.set_result(results)
         call = self._call
-        if call is not None and call.driver is not None and call.driver.waiting_on is pending:
-            call.driver.step()
+        if call is not None and call.waiting_on is pending:
+            call.step()
 
     # -- output -----------------------------------------------------------------------------------
     def _reply_error(
@@ -299,16 +344,25 @@ def _rpc_name(rpc_type: int) -> str:
     return _RPC_NAMES.get(rpc_type, "unknown")
 
 
-async def _run_request_chain(chain: Chain, request: HTTPRequest, call: _Call) -> HTTPReqCallReply:
+async def _run_request_chain(chain: Chain, request: HTTPRequest, call: _Call) -> Stop | None:
+    """Run the plugins in order; the first Stop ends the chain (Session._finish builds the reply)."""
     for link in chain:
         call.plugin = link.name
         stop = await link.plugin.on_request(link.conf, request)
         if stop is not None:
             if not isinstance(stop, Stop):
                 raise PluginFailure(f"plugin {link.name!r} returned {type(stop).__name__}, not Stop or None")
-            return HTTPReqCallReply(request.id, stop)
+            return stop
     call.plugin = ""
-    return HTTPReqCallReply(request.id, request.rewrite())
+    return None
+
+
+async def _raise(error: BaseException) -> None:
+    raise error
+
+
+async def _await(awaitable: Any) -> Any:
+    return await awaitable
 
 
 async def _run_response_chain(chain: Chain, response: HTTPResponse, call: _Call) -> HTTPRespCallReply:
@@ -320,12 +374,10 @@ async def _run_response_chain(chain: Chain, response: HTTPResponse, call: _Call)
     return HTTPRespCallReply(response.id, status, headers, body)
 
 
-def _reply_frame(call: _Call, result: Any) -> bytes:
-    if call.rpc_type == _HTTP_REQ_CALL:
-        if isinstance(result.action, Stop) and not (result.action.status == 0 or 100 <= result.action.status <= 599):
-            raise ValueError(f"Stop status {result.action.status} outside 100..599")
-        return codec.http_req_call_reply_frame(result)
-    return codec.http_resp_call_reply_frame(result)
+def _request_reply_frame(call_id: int, action: Stop | Rewrite | None) -> bytes:
+    if isinstance(action, Stop) and not (action.status == 0 or 100 <= action.status <= 599):
+        raise ValueError(f"Stop status {action.status} outside 100..599")
+    return codec.http_req_call_action_frame(call_id, action)
 
 
 def _empty_reply(rpc_type: int, call_id: int) -> bytes:

@@ -71,6 +71,89 @@ def table(buf: bytes, pos: int, sizes: tuple[int, ...]) -> list[int]:
     return fields
 
 
+class Shape:
+    """A table's slots (inline byte size of slots 0..n-1), prepared for :func:`root_offsets`.
+
+    Remembers the vtables it has validated: builders emit the same vtable for every message with
+    the same fields present, so APISIX's requests share a handful of them.
+    """
+
+    __slots__ = ("known", "sizes")
+
+    def __init__(self, sizes: tuple[int, ...]) -> None:
+        self.sizes = sizes
+        self.known: dict[bytes, tuple[int, ...]] = {}
+        """vtable bytes after vtsize (tsize, slot offsets) -> relative slot offsets; bounded."""
+
+
+# Validated vtables remembered per Shape, and the largest vtable worth remembering: together they
+# bound the memory a peer sending ever-different vtables can make us hold (here ~16 KiB per Shape).
+_KNOWN_VTABLES: Final = 256
+_KNOWN_VTABLE_BYTES: Final = 64
+
+
+def root_offsets(buf: bytes, shape: Shape) -> tuple[int, tuple[int, ...]]:
+    """Open the root table: its position and each slot's offset *relative* to it (0 if absent).
+
+    Accepts and rejects exactly what :func:`root` does. Whether the fields fit their table depends
+    only on the vtable (table size and slot offsets), so a vtable validated once is looked up by its
+    bytes instead of being checked slot by slot again; what remains per message are the checks that
+    involve the message's own length.
+    """
+    n = len(buf)
+    if n < 4:
+        raise DecodeError("payload shorter than a root offset")
+    pos: int = _U32(buf, 0)[0]
+    if pos + 4 > n:
+        raise DecodeError("table offset out of range")
+    vt = pos - _I32(buf, pos)[0]
+    if vt < 0 or vt + 4 > n:
+        raise DecodeError("vtable offset out of range")
+    vtsize, tsize = _U16X2(buf, vt)
+    if vtsize < 4 or vtsize & 1 or vt + vtsize > n or tsize < 4 or pos + tsize > n:
+        raise DecodeError("bad vtable")
+    layout = buf[vt + 2 : vt + vtsize]
+    offsets = shape.known.get(layout)
+    if offsets is None:
+        offsets = tuple(f - pos if f else 0 for f in table(buf, pos, shape.sizes))
+        if len(shape.known) < _KNOWN_VTABLES and vtsize <= _KNOWN_VTABLE_BYTES:
+            shape.known[bytes(layout)] = offsets
+    return pos, offsets
+
+
+def root_byte_vector(buf: bytes) -> bytes | None:
+    """The ``[ubyte]`` in slot 0 of the root table, or None if the slot is absent.
+
+    Exactly ``byte_vector(buf, root(buf, (4,))[0])`` with the same checks and messages, in one
+    function: this is A6.ExtraInfo.Resp, decoded once per variable of every request.
+    """
+    n = len(buf)
+    if n < 4:
+        raise DecodeError("payload shorter than a root offset")
+    pos: int = _U32(buf, 0)[0]
+    if pos + 4 > n:
+        raise DecodeError("table offset out of range")
+    vt = pos - _I32(buf, pos)[0]
+    if vt < 0 or vt + 4 > n:
+        raise DecodeError("vtable offset out of range")
+    vtsize, tsize = _U16X2(buf, vt)
+    if vtsize < 4 or vtsize & 1 or vt + vtsize > n or tsize < 4 or pos + tsize > n:
+        raise DecodeError("bad vtable")
+    off: int = _U16(buf, vt + 4)[0] if vtsize >= 6 else 0
+    if not off:
+        return None
+    if off < 4 or off + 4 > tsize:
+        raise DecodeError("field outside its table")
+    field = pos + off
+    first = field + _U32(buf, field)[0] + 4
+    if first > n:
+        raise DecodeError("vector offset out of range")
+    end: int = first + _U32(buf, first - 4)[0]
+    if end > n:
+        raise DecodeError("truncated vector")
+    return buf[first:end]
+
+
 def root(buf: bytes, sizes: tuple[int, ...]) -> list[int]:
     """Open the root table of a payload (see :func:`table`)."""
     if len(buf) < 4:

@@ -85,6 +85,7 @@ __all__ = [
     "error_frame",
     "extra_info_query_frame",
     "extra_info_result_frame",
+    "http_req_call_action_frame",
     "http_req_call_frame",
     "http_req_call_reply_frame",
     "http_resp_call_frame",
@@ -94,6 +95,7 @@ __all__ = [
 ]
 
 _HEADER: Final = struct.Struct(">I")
+_HEADER_UNPACK: Final = _HEADER.unpack_from
 _U32: Final = struct.Struct("<I").unpack_from
 _U16: Final = struct.Struct("<H").unpack_from
 _PACK_U32: Final = struct.Struct("<I").pack
@@ -106,6 +108,8 @@ _COMPACT_AT: Final = 1 << 16
 
 class FrameDecoder:
     """Incremental frame splitter: feed() any chunks, next_frame() returns whole frames or None.
+
+    ``frames(data)`` does both at once and is what the runner uses: one call per received chunk.
 
     A header announcing an empty or oversized payload raises as soon as its 4 bytes are seen,
     without waiting for the body. After an error every further call raises again.
@@ -127,17 +131,78 @@ class FrameDecoder:
         self._buf += data
 
     def next_frame(self) -> Frame | None:
+        item = self._next()
+        return None if item is None else Frame(*item)
+
+    def frames(self, data: bytes) -> list[tuple[int, bytes]]:
+        """Feed ``data`` and return every frame it completes, in order, as ``(type, payload)``.
+
+        The same frames as ``feed(data)`` followed by ``next_frame()`` until None, without a
+        Frame object per frame and, when nothing is buffered (APISIX sends one whole message at a
+        time, so almost always), without copying ``data`` into the buffer first: payloads are
+        sliced straight out of it.
+
+        A bad header raises like ``next_frame`` would, but only once the frames before it are
+        delivered: if this chunk completed frames first, they are returned and :attr:`error` is
+        set; the caller handles them and then raises it (every later call raises too).
+        """
+        if self._error is not None:
+            self._fail_again()
+        if self._pos != len(self._buf):
+            self._buf += data  # a partial frame is waiting: continue it in the buffer
+            return self._drain()
+        if type(data) is not bytes:
+            data = bytes(data)  # payloads must be bytes whatever the caller passed
+        out: list[tuple[int, bytes]] = []
+        pos, n, limit = 0, len(data), self._max
+        while n - pos >= 4:
+            head = _HEADER_UNPACK(data, pos)[0]
+            size = head & 0xFFFFFF
+            if size == 0 or size > limit:
+                self._reject(size)
+                if out:
+                    return out
+                raise self._error  # type: ignore[misc]  # set by _reject
+            end = pos + 4 + size
+            if end > n:
+                break
+            out.append((head >> 24, data[pos + 4 : end]))
+            pos = end
+        if pos < n:
+            self._buf += memoryview(data)[pos:]
+        return out
+
+    @property
+    def error(self) -> DecodeError | None:
+        """The framing error that made this decoder unusable, if any."""
+        return self._error
+
+    @property
+    def buffered(self) -> int:
+        """Bytes received but not yet returned as a frame."""
+        return len(self._buf) - self._pos
+
+    def _drain(self) -> list[tuple[int, bytes]]:
+        out: list[tuple[int, bytes]] = []
+        try:
+            while (item := self._next()) is not None:
+                out.append(item)
+        except DecodeError:
+            if not out:
+                raise
+        return out
+
+    def _next(self) -> tuple[int, bytes] | None:
         if self._error is not None:
             self._fail_again()
         buf, pos = self._buf, self._pos
         if len(buf) - pos < 4:
             return None
-        head = _HEADER.unpack_from(buf, pos)[0]
+        head = _HEADER_UNPACK(buf, pos)[0]
         size = head & 0xFFFFFF
         if size == 0 or size > self._max:
-            err = FrameTooLarge if size else DecodeError
-            self._error = err(f"frame announces a payload of {size} bytes (allowed 1..{self._max})")
-            raise self._error
+            self._reject(size)
+            raise self._error  # type: ignore[misc]  # set by _reject
         end = pos + 4 + size
         if end > len(buf):
             return None
@@ -152,12 +217,11 @@ class FrameDecoder:
             self._pos = 0
         else:
             self._pos = end
-        return Frame(head >> 24, payload)
+        return head >> 24, payload
 
-    @property
-    def buffered(self) -> int:
-        """Bytes received but not yet returned as a frame."""
-        return len(self._buf) - self._pos
+    def _reject(self, size: int) -> None:
+        err = FrameTooLarge if size else DecodeError
+        self._error = err(f"frame announces a payload of {size} bytes (allowed 1..{self._max})")
 
     def _fail_again(self) -> None:
         assert self._error is not None
@@ -186,20 +250,26 @@ class _Unset(Enum):
 _UNSET: Final = _Unset.UNSET
 _REQ_CALL: Final = (4, 4, 1, 4, 4, 4, 4)  # id, src_ip, method, path, args, headers, conf_token
 _RESP_CALL: Final = (4, 2, 4, 4)  # id, status, headers, conf_token
+_REQ_CALL_SHAPE: Final = _flat.Shape(_REQ_CALL)
+_RESP_CALL_SHAPE: Final = _flat.Shape(_RESP_CALL)
 
 
 class _CallView:
-    """What both call views share: the buffer, the root's fields, id, conf_token and headers."""
+    """What both call views share: the buffer, the root table, id, conf_token and headers.
 
-    __slots__ = ("_buf", "_conf_token", "_fields", "_headers", "_id")
+    ``_pos`` is the root table's position and ``_fields`` each slot's offset relative to it (0 if
+    absent): absolute positions are computed only for the fields a plugin actually reads.
+    """
+
+    __slots__ = ("_buf", "_conf_token", "_fields", "_headers", "_id", "_pos")
     _HEADERS_SLOT = 0
-
-    def __init__(self, buf: bytes, fields: list[int], id_slot: int, token_slot: int) -> None:
-        self._buf = buf
-        self._fields = fields
-        self._id: int = _U32(buf, fields[id_slot])[0] if fields[id_slot] else 0
-        self._conf_token: int = _U32(buf, fields[token_slot])[0] if fields[token_slot] else 0
-        self._headers: Pairs | None = None
+    # Set by each subclass's __init__.
+    _buf: bytes
+    _pos: int
+    _fields: tuple[int, ...]
+    _id: int
+    _conf_token: int
+    _headers: Pairs | None
 
     @property
     def id(self) -> int:
@@ -214,7 +284,7 @@ class _CallView:
         """Headers in APISIX's order: lower-cased for requests, original case for responses."""
         if self._headers is None:
             f = self._fields[self._HEADERS_SLOT]
-            self._headers = _flat.text_entries(self._buf, f) if f else ()
+            self._headers = _flat.text_entries(self._buf, self._pos + f) if f else ()
         return self._headers
 
     def header(self, name: str) -> str | None:
@@ -228,7 +298,7 @@ class _CallView:
             wanted = name.encode("utf-8", "surrogateescape").lower()
         except UnicodeEncodeError:
             return None  # decoded names never hold such surrogates, so nothing can match
-        return _flat.find_entry(self._buf, f, wanted) if f else None
+        return _flat.find_entry(self._buf, self._pos + f, wanted) if f else None
 
 
 class HTTPReqCall(_CallView):
@@ -243,10 +313,16 @@ class HTTPReqCall(_CallView):
     _HEADERS_SLOT = 5
 
     def __init__(self, payload: bytes) -> None:
+        # Built once per request: the shared fields are set here rather than in a base __init__.
         buf = payload if type(payload) is bytes else bytes(payload)
-        f = _flat.root(buf, _REQ_CALL)
-        super().__init__(buf, f, 0, 6)
-        self._method: int = buf[f[2]] if f[2] else 0
+        pos, f = _flat.root_offsets(buf, _REQ_CALL_SHAPE)
+        self._buf = buf
+        self._pos = pos
+        self._fields = f
+        self._id = _U32(buf, pos + f[0])[0] if f[0] else 0
+        self._conf_token = _U32(buf, pos + f[6])[0] if f[6] else 0
+        self._headers = None
+        self._method: int = buf[pos + f[2]] if f[2] else 0
         if self._method >= len(METHOD_NAMES):
             raise DecodeError(f"unknown method {self._method}")
         self._path: str | _Unset | None = _UNSET
@@ -262,7 +338,7 @@ class HTTPReqCall(_CallView):
     def path(self) -> str | None:
         if self._path is _UNSET:
             f = self._fields[3]
-            self._path = _flat.string(self._buf, f) if f else None
+            self._path = _flat.string(self._buf, self._pos + f) if f else None
         return self._path
 
     @property
@@ -270,7 +346,7 @@ class HTTPReqCall(_CallView):
         """``$binary_remote_addr``: 4 bytes for IPv4, 16 for IPv6."""
         if self._src_ip is _UNSET:
             f = self._fields[1]
-            self._src_ip = _flat.byte_vector(self._buf, f) if f else None
+            self._src_ip = _flat.byte_vector(self._buf, self._pos + f) if f else None
         return self._src_ip
 
     @property
@@ -278,7 +354,7 @@ class HTTPReqCall(_CallView):
         """Query args; a flag arg (``?debug``) has the value ``None``."""
         if self._args is None:
             f = self._fields[4]
-            self._args = _flat.text_entries(self._buf, f) if f else ()
+            self._args = _flat.text_entries(self._buf, self._pos + f) if f else ()
         return self._args
 
     def __repr__(self) -> str:
@@ -298,9 +374,14 @@ class HTTPRespCall(_CallView):
 
     def __init__(self, payload: bytes) -> None:
         buf = payload if type(payload) is bytes else bytes(payload)
-        f = _flat.root(buf, _RESP_CALL)
-        super().__init__(buf, f, 0, 3)
-        self._status: int = _U16(buf, f[1])[0] if f[1] else 0
+        pos, f = _flat.root_offsets(buf, _RESP_CALL_SHAPE)
+        self._buf = buf
+        self._pos = pos
+        self._fields = f
+        self._id = _U32(buf, pos + f[0])[0] if f[0] else 0
+        self._conf_token = _U32(buf, pos + f[3])[0] if f[3] else 0
+        self._headers = None
+        self._status: int = _U16(buf, pos + f[1])[0] if f[1] else 0
 
     @property
     def status(self) -> int:
@@ -334,8 +415,7 @@ def decode_http_resp_call(payload: bytes) -> HTTPRespCall:
 
 def decode_extra_info_result(payload: bytes) -> bytes | None:
     """Decode A6.ExtraInfo.Resp: the raw result, or None when APISIX had none (unknown var, no body)."""
-    f = _flat.root(payload, (4,))  # result
-    return _flat.byte_vector(payload, f[0]) if f[0] else None
+    return _flat.root_byte_vector(payload)  # the table's only field: result
 
 
 # --- runner side: encode replies ---------------------------------------------------------------
@@ -389,8 +469,13 @@ def _put_rewrite(rw: Rewrite, out: bytearray) -> int:
 
 def http_req_call_reply_frame(reply: HTTPReqCallReply) -> bytes:
     """Frame of A6.HTTPReqCall.Resp; a Stop omits an empty body, a Rewrite writes only non-None/non-empty parts."""
-    rid = check_uint(reply.id, 32, "id")
-    action = reply.action
+    return http_req_call_action_frame(reply.id, reply.action)
+
+
+def http_req_call_action_frame(call_id: int, action: Stop | Rewrite | None) -> bytes:
+    """``http_req_call_reply_frame(HTTPReqCallReply(call_id, action))`` without building the reply
+    object (the runner's path: one reply per request)."""
+    rid = check_uint(call_id, 32, "id")
     if action is None:
         return _REQ_REPLY_HEAD + _PACK_U32(rid)
     if isinstance(action, Stop):

@@ -5,12 +5,13 @@ from __future__ import annotations
 import contextlib
 import struct
 from collections.abc import Callable
+from functools import partial
 
 import pytest
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from runner.protocol import _flat, codec
+from runner.protocol import _flat, _flat_read, codec
 from runner.protocol.codec import DecodeError
 from runner.protocol.messages import (
     MAX_PAYLOAD,
@@ -513,3 +514,91 @@ class TestMalformedInput:
         data = VALID[1]
         with pytest.raises(DecodeError):
             _full_req(data[: len(data) // 2])
+
+
+# --- the runner's fast readers agree with the generic ones ----------------------------------------
+
+
+def _outcome(decode: Callable[[bytes], object], data: bytes) -> tuple[str, object]:
+    try:
+        return "ok", decode(data)
+    except DecodeError as exc:
+        return "error", str(exc)
+
+
+def _generic_offsets(data: bytes, sizes: tuple[int, ...]) -> tuple[int, tuple[int, ...]]:
+    fields = _flat.root(data, sizes)
+    pos = struct.unpack_from("<I", data, 0)[0]
+    return pos, tuple(f - pos if f else 0 for f in fields)
+
+
+def _generic_result(data: bytes) -> bytes | None:
+    (field,) = _flat.root(data, (4,))
+    return _flat.byte_vector(data, field) if field else None
+
+
+SHAPES = [codec._REQ_CALL, codec._RESP_CALL, (4,), (4, 4)]
+
+
+def _assert_fast_readers_agree(data: bytes, shapes: list[_flat.Shape]) -> None:
+    for shape in shapes:
+        expected = _outcome(partial(_generic_offsets, sizes=shape.sizes), data)
+        assert _outcome(partial(_flat.root_offsets, shape=shape), data) == expected
+        # Again: now the vtable may be remembered, and the answer must not change.
+        assert _outcome(partial(_flat.root_offsets, shape=shape), data) == expected
+    assert _outcome(_flat.root_byte_vector, data) == _outcome(_generic_result, data)
+
+
+class TestFastReaders:
+    """root_offsets (vtables remembered per Shape) and root_byte_vector (ExtraInfo results) accept,
+    return and reject exactly what root() + byte_vector() do, with the same messages."""
+
+    @given(data=st.binary(max_size=120))
+    @example(data=b"\x04\x00\x00\x00\xfc\xff\xff\xff")
+    def test_random_bytes(self, data: bytes) -> None:
+        _assert_fast_readers_agree(data, [_flat.Shape(s) for s in SHAPES])
+
+    @given(index=st.integers(0, len(VALID) - 1), data=st.data())
+    def test_corrupted(self, index: int, data: st.DataObject) -> None:
+        buf = bytearray(VALID[index])
+        for _ in range(data.draw(st.integers(1, 4))):
+            pos = data.draw(st.integers(0, len(buf) - 1))
+            buf[pos] = data.draw(st.sampled_from([0x00, 0x01, 0x03, 0x7F, 0x80, 0xFF]) | st.integers(0, 255))
+        _assert_fast_readers_agree(bytes(buf), [_flat.Shape(s) for s in SHAPES])
+
+    @pytest.mark.parametrize("index", range(len(VALID)))
+    def test_truncated_after_the_vtable_is_remembered(self, index: int) -> None:
+        """A remembered vtable does not excuse a message too short for its table."""
+        shapes = [_flat.Shape(s) for s in SHAPES]
+        data = VALID[index]
+        _assert_fast_readers_agree(data, shapes)
+        for cut in range(len(data)):
+            _assert_fast_readers_agree(data[:cut], shapes)
+
+    def test_field_outside_a_remembered_table(self) -> None:
+        """Same slot offsets, smaller declared table size: a different vtable, checked afresh."""
+        shape = _flat.Shape(codec._REQ_CALL)
+        data = VALID[1]
+        _flat.root_offsets(data, shape)
+        pos = struct.unpack_from("<I", data, 0)[0]
+        vt = pos - struct.unpack_from("<i", data, pos)[0]
+        broken = bytearray(data)
+        struct.pack_into("<H", broken, vt + 2, 8)  # tsize 8: most fields now lie outside the table
+        with pytest.raises(DecodeError, match="field outside its table"):
+            _flat.root_offsets(bytes(broken), shape)
+
+    def test_remembered_vtables_are_bounded(self) -> None:
+        """A peer sending ever-different vtables cannot make a Shape remember more than its bound."""
+        shape = _flat.Shape((4, 4))
+        for tsize in range(12, 12 + 4 * 2 * _flat_read._KNOWN_VTABLES, 4):
+            vtable = struct.pack("<4H", 8, tsize, 4, 8)
+            data = struct.pack("<I", 12) + vtable + struct.pack("<i", 8) + bytes(tsize)
+            assert _flat.root_offsets(data, shape) == _generic_offsets(data, (4, 4))
+        assert len(shape.known) == _flat_read._KNOWN_VTABLES
+
+
+class TestReplyWithoutObject:
+    @given(reply=ref.req_call_replies)
+    def test_action_frame_equals_reply_frame(self, reply: HTTPReqCallReply) -> None:
+        """http_req_call_action_frame(id, action) is byte for byte http_req_call_reply_frame(reply)."""
+        assert codec.http_req_call_action_frame(reply.id, reply.action) == codec.http_req_call_reply_frame(reply)

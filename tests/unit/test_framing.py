@@ -153,3 +153,68 @@ class TestFrameDecoder:
         """max_payload outside 1..MAX_PAYLOAD raises ValueError."""
         with pytest.raises(ValueError, match="max_payload"):
             FrameDecoder(max_payload=limit)
+
+
+def _reference(decoder: FrameDecoder, chunk: bytes) -> tuple[list[tuple[int, bytes]], str | None]:
+    """What feed() + next_frame() until None give for ``chunk``: the frames, then the error if any."""
+    out: list[tuple[int, bytes]] = []
+    try:
+        decoder.feed(chunk)
+        while (frame := decoder.next_frame()) is not None:
+            out.append((frame.type, frame.payload))
+    except DecodeError as exc:
+        return out, f"{type(exc).__name__}: {exc}"
+    return out, None
+
+
+def _fast(decoder: FrameDecoder, chunk: bytes) -> tuple[list[tuple[int, bytes]], str | None]:
+    try:
+        out = decoder.frames(chunk)
+    except DecodeError as exc:
+        return [], f"{type(exc).__name__}: {exc}"
+    error = decoder.error
+    return out, None if error is None else f"{type(error).__name__}: {error}"
+
+
+class TestFrames:
+    """frames(data) is feed(data) + next_frame() until None, without Frame objects."""
+
+    @given(
+        frames=frames,
+        bad=st.sampled_from([None, 0, 11, 1 << 20]),
+        data=st.data(),
+        kind=st.sampled_from([bytes, bytearray, memoryview]),
+    )
+    def test_same_as_feed_and_next_frame(
+        self, frames: list[Frame], bad: int | None, data: st.DataObject, kind: type
+    ) -> None:
+        """Any chunking, with or without a bad header at the end: the same frames, then the same error."""
+        stream = b"".join(encode_frame(f.type, f.payload) for f in frames)
+        if bad is not None:
+            stream += _header(2, bad) + b"tail"
+        cuts = sorted(data.draw(st.lists(st.integers(0, len(stream)), max_size=20)))
+        reference, fast = FrameDecoder(max_payload=1000), FrameDecoder(max_payload=1000)
+        for start, end in zip([0, *cuts], [*cuts, len(stream)], strict=True):
+            expected = _reference(reference, stream[start:end])
+            got = _fast(fast, kind(stream[start:end]))
+            assert got == expected
+            assert all(type(payload) is bytes for _, payload in got[0])
+            if expected[1] is not None:
+                break
+            assert fast.buffered == reference.buffered
+
+    def test_whole_frames_come_from_the_chunk(self) -> None:
+        """Nothing buffered and whole frames in the chunk: sliced from it, nothing left buffered."""
+        decoder = FrameDecoder()
+        assert decoder.frames(encode_frame(2, b"abc") + encode_frame(3, b"de")) == [(2, b"abc"), (3, b"de")]
+        assert decoder.buffered == 0
+
+    def test_error_after_frames_is_reported_after_them(self) -> None:
+        """A bad header after a good frame: the frame is returned, error is set, later calls raise."""
+        decoder = FrameDecoder(max_payload=10)
+        assert decoder.frames(encode_frame(1, b"ok") + _header(1, 11)) == [(1, b"ok")]
+        assert isinstance(decoder.error, FrameTooLarge)
+        with pytest.raises(FrameTooLarge, match="unusable"):
+            decoder.frames(b"")
+        with pytest.raises(FrameTooLarge, match="unusable"):
+            decoder.next_frame()

@@ -466,6 +466,21 @@ class TestFraming:
 
         assert [f.type for f in wire.take()] == [RPCType.PREPARE_CONF, RPCType.HTTP_REQ_CALL]
 
+    @pytest.mark.parametrize("split", [False, True], ids=["one-chunk", "buffered"])
+    def test_frames_before_a_bad_header_are_answered_then_closed(self, wire: Wire, split: bool) -> None:
+        """Whole frames ahead of a bad header in the same read are answered, then the connection closes."""
+        token = wire.prepare(("stop", '{"status": 401}'))
+        data = http_req_call_frame(id=3, conf_token=token) + b"\x02\x00\x00\x00"
+        if split:  # part of the request arrived earlier, so the decoder's buffer is in use
+            wire.feed(data[:5])
+            data = data[5:]
+        wire.feed(data)
+
+        (frame,) = wire.take()
+        assert codec.decode_http_req_call_reply(frame.payload) == HTTPReqCallReply(3, Stop(401))
+        assert wire.closes == 1
+        assert wire.session.closed
+
     def test_zero_length_frame_closes(self, wire: Wire) -> None:
         """A frame announcing an empty payload is a framing error: close, no reply."""
         wire.feed(b"\x02\x00\x00\x00")
@@ -631,3 +646,119 @@ class TestResponseCall:
         (frame,) = wire.take()
 
         assert codec.decode_http_resp_call_reply(frame.payload) == HTTPRespCallReply(id=5)
+
+
+class WrongSignature(BasePlugin[str]):
+    """An async on_request that cannot be called with (conf, request): raises before any coroutine exists."""
+
+    name = "wrong-signature"
+
+    async def on_request(self, conf: str) -> Any:  # type: ignore[override]
+        return None
+
+
+class Replaced(BasePlugin[str]):
+    """Registered with an async on_request, then replaced on the instance by a plain function
+    (the registry cannot see that): returns None, raises, or returns a non-coroutine awaitable."""
+
+    name = "replaced"
+
+    def __init__(self) -> None:
+        self.on_request = self._plain  # type: ignore[method-assign]
+
+    def _plain(self, conf: str, request: HTTPRequest) -> Any:
+        if conf == "raise":
+            raise ValueError("plain bug")
+        if conf == "awaitable":
+            return _Ready(Stop(418))
+        return None
+
+
+class _Ready:
+    """An awaitable that is not a coroutine and finishes at once."""
+
+    def __init__(self, value: object) -> None:
+        self.value = value
+
+    def __await__(self) -> Any:
+        return self.value
+        yield  # pragma: no cover - makes this a generator
+
+
+class TestOnePluginChain:
+    """A chain of one plugin is driven without the chain loop; it must answer exactly like the loop."""
+
+    @staticmethod
+    def outcome(registry: PluginRegistry, *entries: tuple[str, str]) -> tuple[list[Frame], list[tuple[str, str]]]:
+        wire = Wire(registry)
+        token = wire.prepare(*entries)
+        wire.observed.clear()
+        frames = wire.call(token, id=7)
+        while wire.scheduled:
+            wire.scheduled.pop(0)()
+            frames += wire.take()
+        assert not wire.session.busy
+        return frames, wire.observed
+
+    @staticmethod
+    def registry(plugin: Any) -> PluginRegistry:
+        registry = PluginRegistry([*make_registry()])
+        if isinstance(plugin, Replaced):
+            plugin.on_request = BasePlugin.on_request.__get__(plugin)  # type: ignore[method-assign]
+            registry.register(plugin)
+            plugin.on_request = plugin._plain  # type: ignore[method-assign]
+        else:
+            registry.register(plugin)
+        return registry
+
+    @pytest.mark.parametrize(
+        ("plugin", "conf_value"),
+        [
+            (ReturnsString(), ""),
+            (WrongSignature(), ""),
+            (UnencodableStop(), ""),
+            (UnencodableStop(), "after-await"),
+            (Replaced(), ""),
+            (Replaced(), "raise"),
+            (Replaced(), "awaitable"),
+        ],
+        ids=["non-stop", "wrong-signature", "unencodable", "late", "plain-none", "plain-raise", "plain-awaitable"],
+    )
+    def test_same_answer_alone_and_in_a_chain(self, plugin: Any, conf_value: str, caplog: Any) -> None:
+        """Alone or after a plugin that changes nothing: same frames, same metrics, same log lines."""
+        registry = self.registry(plugin)
+        with caplog.at_level("INFO", logger="mtls_guard.runner"):
+            alone = self.outcome(registry, (plugin.name, conf_value))
+            alone_log = [r.getMessage() for r in caplog.records]
+            caplog.clear()
+            chained = self.outcome(registry, ("order", "first"), (plugin.name, conf_value))
+            chained_log = [r.getMessage() for r in caplog.records]
+
+        assert alone == chained
+        assert alone_log == chained_log
+
+    def test_broken_plugins_fail_closed(self) -> None:
+        """The broken cases above are Err replies (fail closed); a working awaitable still works."""
+        for plugin, conf_value in ((WrongSignature(), ""), (Replaced(), ""), (Replaced(), "raise")):
+            frames, observed = self.outcome(self.registry(plugin), (plugin.name, conf_value))
+            assert error_code(frames) == ErrCode.SERVICE_UNAVAILABLE
+            assert observed == [("http_req_call", "service_unavailable")]
+        (frame,), _ = self.outcome(self.registry(Replaced()), ("replaced", "awaitable"))
+        assert codec.decode_http_req_call_reply(frame.payload) == HTTPReqCallReply(7, Stop(418))
+
+    def test_finished_calls_leave_no_cyclic_garbage(self) -> None:
+        """No reference cycle per call: answered calls are freed by reference counting alone."""
+        import gc
+
+        wire = Wire()
+        token = wire.prepare(("vars", "host"))
+        gc.collect()
+        gc.disable()
+        try:
+            for call_id in range(20):
+                wire.feed(http_req_call_frame(conf_token=token, id=call_id))
+                wire.answer(b"example.com")
+                assert wire.take()[-1].type == RPCType.HTTP_REQ_CALL
+            assert gc.collect() == 0
+        finally:
+            gc.enable()
