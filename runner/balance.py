@@ -126,11 +126,12 @@ class Acceptor:
         if self._balance is not None and not self._closed:
             self._balance.publish(self._connections())
 
-    def close(self) -> None:
+    def close(self, *, leave_balance: bool = True) -> None:
+        """Stop accepting. A retiring worker keeps its slot as is: its successor already uses it."""
         if self._closed:
             return
         self._closed = True
         self._loop.remove_reader(self._sock.fileno())
         self._sock.close()
-        if self._balance is not None:
+        if self._balance is not None and leave_balance:
             self._balance.leave()

@@ -28,6 +28,8 @@ __all__ = ["RunnerServer", "StartupError", "bind_unix_socket"]
 
 log = logging.getLogger("mtls_guard.runner")
 
+# Pending connections the kernel queues for us (listen backlog). APISIX opens up to 32 per nginx worker.
+LISTEN_BACKLOG = 1024
 # How often deadlines and idle connections are checked; cheaper than a timer per call.
 _SWEEP_INTERVAL = 0.25
 
@@ -68,7 +70,7 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
         sock.bind(path)
         # nginx workers may run as another user ("nobody"); they need write access to connect.
         os.chmod(path, mode)
-        sock.listen(1024)
+        sock.listen(LISTEN_BACKLOG)
         sock.setblocking(False)
     except OSError as exc:
         sock.close()
@@ -128,6 +130,7 @@ class RunnerServer:
         self._inherited_socket = listen_socket
         self._balance = balance
         self._acceptor: Acceptor | None = None
+        self.retiring = False
         self.store = ConfStore(
             registry,
             ttl=settings.token_ttl,
@@ -170,7 +173,10 @@ class RunnerServer:
             return
         sock = bind_unix_socket(self.settings.listen, self.settings.socket_mode)
         self._socket_inode = os.stat(self.settings.listen).st_ino
-        self._server = await self.loop.create_unix_server(lambda: _Connection(self), sock=sock)
+        # backlog again here: asyncio (and uvloop) call listen() on the socket once more, with 100 by
+        # default, and a burst of APISIX connects beyond the queue gets EAGAIN, which nginx reports
+        # as a failed connect (503).
+        self._server = await self.loop.create_unix_server(lambda: _Connection(self), sock=sock, backlog=LISTEN_BACKLOG)
 
     def ready(self) -> bool:
         """Listening, not shutting down, and our socket file is still at its path."""
@@ -202,6 +208,17 @@ class RunnerServer:
     def stop(self) -> None:
         """Ask the server to shut down (signal-safe: only sets an event); also works before start()."""
         self._stopping.set()
+
+    def retire(self) -> None:
+        """Worker mode: the supervisor re-bound the socket and started new workers. Stop accepting,
+        keep serving the connections APISIX already has here, and stop once the last one closes."""
+        if self._acceptor is None or self.retiring:
+            return
+        self.retiring = True
+        self._acceptor.close(leave_balance=False)
+        log.info("event=retiring connections=%d", len(self.connections))
+        if not self.connections:
+            self.stop()
 
     async def serve(self) -> None:
         """Serve until stop(), then drain and close; the socket file is removed in any case."""
@@ -243,8 +260,11 @@ class RunnerServer:
     def connection_closed(self) -> None:
         if self._acceptor is not None:
             self._acceptor.publish()
-        if not self.connections and self._all_closed is not None:
-            self._all_closed.set()
+        if not self.connections:
+            if self._all_closed is not None:
+                self._all_closed.set()
+            if self.retiring:
+                self.stop()
 
     @staticmethod
     def _close(conn: _Connection) -> None:

@@ -91,6 +91,8 @@ class Supervisor:
         self._stopping = asyncio.Event()
         self._republish = False
         self._early_stop = False
+        # Workers serving only the connections they had when the socket was re-bound.
+        self._retiring: list[subprocess.Popen[bytes]] = []
 
     # -- lifecycle ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -223,6 +225,7 @@ class Supervisor:
     # -- supervision --------------------------------------------------------------------------
     def _watch(self) -> None:
         now = time.monotonic()
+        self._retiring = [p for p in self._retiring if p.poll() is None]
         if not self._socket_intact() and not os.path.lexists(self.settings.listen):
             self._rebind()
         for worker in self.workers:
@@ -249,8 +252,11 @@ class Supervisor:
         return stat.S_ISSOCK(st.st_mode) and st.st_ino == self._inode
 
     def _rebind(self) -> None:
-        """The socket file was deleted: bind a new one and move the workers over one by one
-        (each old worker drains its connections; its replacement serves the new socket)."""
+        """The socket file was deleted: bind a new socket and start a fresh set of workers on it.
+
+        The old workers retire (SIGUSR1): they stop accepting on the old, now unreachable socket
+        but keep serving the APISIX connections they hold until APISIX closes them, so no
+        established connection breaks."""
         log.warning("event=socket_missing path=%s action=rebind", self.settings.listen)
         old = self._sock
         try:
@@ -259,13 +265,10 @@ class Supervisor:
             log.error("event=socket_rebind_failed reason=%r", str(exc))
             return
         for worker in self.workers:
-            if worker.process is not None:
-                worker.process.send_signal(signal.SIGTERM)
-                try:
-                    worker.process.wait(timeout=_STOP_DEADLINE)
-                except subprocess.TimeoutExpired:
-                    worker.process.kill()
-                    worker.process.wait()
+            if worker.process is not None and worker.process.poll() is None:
+                with contextlib.suppress(ProcessLookupError):
+                    worker.process.send_signal(signal.SIGUSR1)
+                self._retiring.append(worker.process)
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(ready_file(self._rundir, worker.index))
             worker.failures = 0
@@ -286,6 +289,7 @@ class Supervisor:
         if self._sock is not None:
             self._sock.close()
         running = [w.process for w in self.workers if w.process is not None and w.process.poll() is None]
+        running += [p for p in self._retiring if p.poll() is None]
         for process in running:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)

@@ -52,6 +52,7 @@ def _die_with_parent() -> None:
 def main(argv: list[str]) -> int:
     rundir, index, fd, parent = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
     _die_with_parent()
+    signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the server can retire (see beside())
     if os.getppid() != parent:  # the supervisor died while this worker was starting
         shutil.rmtree(rundir, ignore_errors=True)
         return EXIT_STARTUP_FAILURE
@@ -77,6 +78,8 @@ def main(argv: list[str]) -> int:
             ),
             "mtls_guard_connections": ("Open APISIX connections", lambda: float(len(server.connections))),
         }
+        # SIGUSR1 from the supervisor: the socket was re-bound and new workers took over.
+        asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, server.retire)
         Path(ready_file(rundir, index)).touch()  # the server is accepting: the supervisor may publish
         view = live_view(stats, gauges, sources)
         target = metrics_file(rundir, index)
@@ -87,7 +90,7 @@ def main(argv: list[str]) -> int:
                 server.stop()  # the supervisor was killed: nobody manages the socket any more
                 return
             now = time.monotonic()
-            if now - last >= _METRICS_INTERVAL:
+            if not server.retiring and now - last >= _METRICS_INTERVAL:  # the successor owns the file now
                 last = now
                 with contextlib.suppress(OSError):
                     _write_atomically(target, json.dumps(to_json(view())))

@@ -418,15 +418,6 @@ class TestThousandConnections:
         raise_fd_limit(2 * 1000 + 512)  # both ends live in this process
         asyncio.run(self.thousand(sock_path, "batches"))
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason=(
-            "single-process mode (RunnerServer._listen; --workers 1, the default on one CPU) passes its socket to "
-            "loop.create_unix_server(sock=...) without backlog=, and asyncio/uvloop call listen(100) on it again: "
-            "the accept queue holds 101 connections instead of the 1024 bind_unix_socket() set, so connect() #102 of "
-            "a burst gets EAGAIN, which nginx treats as refused (APISIX answers 503); --workers N>1 keeps 1024"
-        ),
-    )
     def test_burst_of_thousand_connects(self, sock_path: str) -> None:
         """1 000 connect() calls in one burst, before the runner accepts any, all succeed (listen backlog 1024)."""
         raise_fd_limit(2 * 1000 + 512)

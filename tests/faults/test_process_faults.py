@@ -293,15 +293,6 @@ class TestSocketDeletedProcess:
             assert asyncio.run(wait_fds(pid, worker_fds)) <= worker_fds
         assert_clean_exit(runner)
 
-    @pytest.mark.xfail(
-        strict=True,
-        reason=(
-            "Supervisor._rebind() answers a deleted socket file by SIGTERMing every worker, which closes all "
-            "established APISIX connections (idle ones at once) before the new socket is published at the path: "
-            "existing connections stop working and APISIX cannot reconnect until then (~0.5 s of 503s), whereas "
-            "the single-process runner keeps serving its established connections"
-        ),
-    )
     def test_workers_keep_existing_connections(self, spawn_runner: SpawnRunner, sock_path: str) -> None:
         """With --workers 2, connections established before the socket file is deleted keep answering."""
         runner = spawn_runner(sock_path, "--workers", "2")
