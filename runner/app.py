@@ -51,6 +51,15 @@ def setup_plugins(registry: PluginRegistry, settings: Settings) -> None:
             raise StartupError(f"plugin {plugin.name!r} setup failed: {exc}") from exc
 
 
+def server_gauges(server: RunnerServer) -> dict[str, tuple[str, Callable[[], float]]]:
+    """The gauges one serving process exposes (with workers, the supervisor adds them up)."""
+    return {
+        "mtls_guard_conf_tokens": ("Conf tokens cached", lambda: float(len(server.store))),
+        "mtls_guard_compiled_confs": ("Distinct compiled plugin configs", lambda: float(server.store.compiled_count)),
+        "mtls_guard_connections": ("Open APISIX connections", lambda: float(len(server.connections))),
+    }
+
+
 def _metrics_endpoint(
     address: str, registry: PluginRegistry, observers: list[RPCObserver]
 ) -> Callable[[RunnerServer], HealthEndpoint]:
@@ -62,15 +71,7 @@ def _metrics_endpoint(
     sources = [p for p in registry if isinstance(p, MetricsSource)]
 
     def build(server: RunnerServer) -> HealthEndpoint:
-        gauges = {
-            "mtls_guard_conf_tokens": ("Conf tokens cached", lambda: float(len(server.store))),
-            "mtls_guard_compiled_confs": (
-                "Distinct compiled plugin configs",
-                lambda: float(server.store.compiled_count),
-            ),
-            "mtls_guard_connections": ("Open APISIX connections", lambda: float(len(server.connections))),
-        }
-        prom = build_registry(live_view(stats, gauges, sources))
+        prom = build_registry(live_view(stats, server_gauges(server), sources))
         return HealthEndpoint(address, ready=server.ready, metrics=lambda: bytes(generate_latest(prom)))
 
     return build

@@ -139,9 +139,20 @@ def _var_query(name: str) -> VarQuery:
 
 
 class _ExtraInfoMixin:
+    """What requests and responses share: the call's id and token, and ExtraInfo variables."""
+
     __slots__ = ()
+    _call: HTTPReqCall | HTTPRespCall
     _channel: ExtraInfoChannel
     _vars: dict[str, str | None]
+
+    @property
+    def id(self) -> int:
+        return self._call.id
+
+    @property
+    def conf_token(self) -> int:
+        return self._call.conf_token
 
     async def vars(self, *names: str) -> dict[str, str | None]:
         """Variables (nginx/APISIX ``ctx.var``) in one pipelined round trip; absent ones are None."""
@@ -163,6 +174,8 @@ class _ExtraInfoMixin:
 
 class HTTPRequest(_ExtraInfoMixin):
     """One HTTPReqCall as a plugin sees it; changes are collected into a single Rewrite."""
+
+    _call: HTTPReqCall
 
     __slots__ = (
         "_arg_changes",
@@ -197,14 +210,6 @@ class HTTPRequest(_ExtraInfoMixin):
         """Scratch space shared by the plugins of one call (e.g. an identity for later plugins)."""
 
     # -- what APISIX sent ---------------------------------------------------------------------
-    @property
-    def id(self) -> int:
-        return self._call.id
-
-    @property
-    def conf_token(self) -> int:
-        return self._call.conf_token
-
     @property
     def method(self) -> str:
         m = self._call.method
@@ -298,6 +303,7 @@ class HTTPResponse(_ExtraInfoMixin):
     """One HTTPRespCall (ext-plugin-post-resp) as a plugin sees it."""
 
     __slots__ = ("_body", "_body_loaded", "_call", "_channel", "_headers", "_new_body", "_status", "_vars")
+    _call: HTTPRespCall
 
     def __init__(self, call: HTTPRespCall, channel: ExtraInfoChannel) -> None:
         self._call = call
@@ -308,14 +314,6 @@ class HTTPResponse(_ExtraInfoMixin):
         self._new_body: bytes | None = None
         self._body: bytes | None = None
         self._body_loaded = False
-
-    @property
-    def id(self) -> int:
-        return self._call.id
-
-    @property
-    def conf_token(self) -> int:
-        return self._call.conf_token
 
     @property
     def status(self) -> int:

@@ -24,7 +24,7 @@ from .session import RPCObserver, Session, SessionConfig
 from .settings import Settings
 from .sharedconf import SharedConfs
 
-__all__ = ["RunnerServer", "StartupError", "bind_unix_socket"]
+__all__ = ["RunnerServer", "StartupError", "bind_unix_socket", "socket_file_is"]
 
 log = logging.getLogger("mtls_guard.runner")
 
@@ -48,6 +48,15 @@ def random_first_token() -> int:
 
 class StartupError(RuntimeError):
     """The runner cannot start (socket path unusable, plugin setup failed)."""
+
+
+def socket_file_is(path: str, inode: int | None) -> bool:
+    """Whether ``path`` is still the socket we bound (same inode), not deleted or replaced."""
+    try:
+        st = os.lstat(path)
+    except OSError:
+        return False
+    return stat.S_ISSOCK(st.st_mode) and st.st_ino == inode
 
 
 def bind_unix_socket(path: str, mode: int) -> socket.socket:
@@ -185,11 +194,7 @@ class RunnerServer:
         return self._inherited_socket is not None or self._socket_intact()
 
     def _socket_intact(self) -> bool:
-        try:
-            st = os.lstat(self.settings.listen)
-        except OSError:
-            return False
-        return stat.S_ISSOCK(st.st_mode) and st.st_ino == self._socket_inode
+        return socket_file_is(self.settings.listen, self._socket_inode)
 
     async def _restore_socket(self) -> None:
         """Someone deleted our socket file (tmp cleaners do): APISIX could no longer connect, so

@@ -34,7 +34,7 @@ from .balance import ConnectionBalance
 from .httpd import HealthEndpoint
 from .metrics import MetricsView, build_registry, merge
 from .registry import PluginRegistry
-from .server import StartupError, bind_unix_socket, random_first_token
+from .server import StartupError, bind_unix_socket, random_first_token, socket_file_is
 from .settings import Settings
 from .sharedconf import SharedConfs
 
@@ -245,11 +245,7 @@ class Supervisor:
                 self._spawn(worker)
 
     def _socket_intact(self) -> bool:
-        try:
-            st = os.lstat(self.settings.listen)
-        except OSError:
-            return False
-        return stat.S_ISSOCK(st.st_mode) and st.st_ino == self._inode
+        return socket_file_is(self.settings.listen, self._inode)
 
     def _rebind(self) -> None:
         """The socket file was deleted: bind a new socket and start a fresh set of workers on it.

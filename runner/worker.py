@@ -21,7 +21,7 @@ import sys
 import time
 from pathlib import Path
 
-from .app import EXIT_STARTUP_FAILURE, exit_now, run
+from .app import EXIT_STARTUP_FAILURE, exit_now, run, server_gauges
 from .balance import ConnectionBalance
 from .logs import configure_logging
 from .metrics import MetricsSource, RPCStats, live_view, to_json
@@ -70,18 +70,10 @@ def main(argv: list[str]) -> int:
     sources = [p for p in registry if isinstance(p, MetricsSource)]
 
     async def beside(server: RunnerServer) -> None:
-        gauges = {
-            "mtls_guard_conf_tokens": ("Conf tokens cached (summed over workers)", lambda: float(len(server.store))),
-            "mtls_guard_compiled_confs": (
-                "Distinct compiled plugin configs (summed over workers)",
-                lambda: float(server.store.compiled_count),
-            ),
-            "mtls_guard_connections": ("Open APISIX connections", lambda: float(len(server.connections))),
-        }
         # SIGUSR1 from the supervisor: the socket was re-bound and new workers took over.
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, server.retire)
         Path(ready_file(rundir, index)).touch()  # the server is accepting: the supervisor may publish
-        view = live_view(stats, gauges, sources)
+        view = live_view(stats, server_gauges(server), sources)
         target = metrics_file(rundir, index)
         last = 0.0
         while True:
