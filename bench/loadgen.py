@@ -191,18 +191,14 @@ def cores_busy() -> dict[str, float]:
 class _Snapshot:
     wall_ns: int
     client_cpu: tuple[float, float]
-    server_cpu: tuple[float, float]
+    server_cpu: dict[int, tuple[float, float]]
+    """(user, system) CPU seconds per server process (a supervisor and its workers: several)."""
     cores: dict[str, float]
 
     @classmethod
-    def take(cls, server_pid: int | None) -> _Snapshot:
+    def take(cls, server_pids: list[int]) -> _Snapshot:
         t = os.times()
-        return cls(
-            _now(),
-            (t.user, t.system),
-            _proc_cpu(server_pid) if server_pid else (0.0, 0.0),
-            cores_busy(),
-        )
+        return cls(_now(), (t.user, t.system), {pid: _proc_cpu(pid) for pid in server_pids}, cores_busy())
 
 
 # --- the hot loop ------------------------------------------------------------------------------------
@@ -346,7 +342,7 @@ async def run_load(
     duration: float,
     warmup: float,
     requests: int | None = None,
-    server_pid: int | None = None,
+    server_pids: list[int] | None = None,
 ) -> dict[str, Any]:
     """Drive ``connections`` connections for ``warmup + duration`` seconds; returns the measurements."""
     pre = await preflight(scenario, path)
@@ -360,14 +356,14 @@ async def run_load(
         marks: dict[str, _Snapshot] = {}
 
         def start_window() -> None:
-            marks["start"] = _Snapshot.take(server_pid)
+            marks["start"] = _Snapshot.take(server_pids or [])
             run.recording = True
 
         def end_window() -> None:
             if "end" in marks or "start" not in marks:
                 return
             run.recording = False
-            marks["end"] = _Snapshot.take(server_pid)
+            marks["end"] = _Snapshot.take(server_pids or [])
             run.running = False
             if not run.busy and not run.done.done():
                 run.done.set_result(None)
@@ -419,8 +415,9 @@ async def run_load(
         max_us=lat[-1] / 1000,
         client_cpu_s=sum(end.client_cpu) - sum(start.client_cpu),
         client_sys_s=end.client_cpu[1] - start.client_cpu[1],
-        server_cpu_s=sum(end.server_cpu) - sum(start.server_cpu),
-        server_sys_s=end.server_cpu[1] - start.server_cpu[1],
+        server_cpu_s=sum(sum(end.server_cpu[p]) - sum(start.server_cpu[p]) for p in start.server_cpu),
+        server_sys_s=sum(end.server_cpu[p][1] - start.server_cpu[p][1] for p in start.server_cpu),
+        server_cpu_by_pid={str(p): sum(end.server_cpu[p]) - sum(start.server_cpu[p]) for p in start.server_cpu},
         cores_busy_s=busy,
         learned_queries=run.learned,
     )
@@ -450,7 +447,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--requests", type=int, help="stop the window after this many requests")
     parser.add_argument("--loop", choices=("auto", "asyncio", "uvloop"), default="auto")
     parser.add_argument("--cpu", type=int, help="pin this process to one CPU")
-    parser.add_argument("--server-pid", type=int, help="server process, for its CPU time")
+    parser.add_argument(
+        "--server-pid", type=int, action="append", help="server process, for its CPU time (repeat for a process tree)"
+    )
     args = parser.parse_args(argv)
     if args.cpu is not None:
         os.sched_setaffinity(0, {args.cpu})
@@ -465,7 +464,7 @@ def main(argv: list[str] | None = None) -> int:
                 duration=args.duration,
                 warmup=args.warmup,
                 requests=args.requests,
-                server_pid=args.server_pid,
+                server_pids=args.server_pid,
             )
         )
     except (LoadError, codec.DecodeError, OSError, TimeoutError) as exc:

@@ -9,26 +9,23 @@ generator, so both sides always agree.
 Every runner scenario is compared with its *floor twin* (:meth:`Scenario.floor_twin`): the same
 workload answered by ``bench/floor.py`` with pre-built bytes and the same ExtraInfo round trips.
 
-To add a scenario, append to :data:`SCENARIOS`, e.g. (sketch, for the mtls-guard follow-up)::
-
-    Scenario(
-        name="mtls-guard-exempt",
-        description="mtls-guard, exempt path: no ExtraInfo",
-        conf=(("mtls-guard", '{"exempt": ["/healthz"]}'),),
-        path="/healthz",
-        ei_trips=(),
-    )
-
-Plugins named in ``conf`` are taken from ``bench.plugins.PLUGINS`` first, then from the installed
+To add a scenario, append to :data:`SCENARIOS` (see the mtls-guard ones below). Plugins named in
+``conf`` are taken from ``bench.plugins.PLUGINS`` first, then from the installed
 ``apisix_mtls_guard.plugins`` entry points (so ``mtls-guard`` needs no extra code);
 ``plugin_options`` become the runner settings' ``plugins`` section. The pre-flight exchange of the
 load generator checks the declared ``ei_trips`` against what the server really asks, so a wrong
 declaration fails loudly instead of skewing the floor comparison.
+
+``workers`` chooses how the runner is started: ``()`` runs ``runner.app.run`` in a bench process
+(the plugins registered in-process); each number N in it starts the production command,
+``mtls-guard run --workers N`` (N = 1: one process; N > 1: supervisor + N worker processes), and is
+measured as a separate runner against the same floor twin.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 from dataclasses import dataclass, field
 from typing import Any, Literal
@@ -36,6 +33,7 @@ from typing import Any, Literal
 __all__ = [
     "ARGS",
     "HEADERS",
+    "MTLS_GUARD_POLICY",
     "SCENARIOS",
     "SRC_IP",
     "VARS",
@@ -106,6 +104,8 @@ class Scenario:
     exact_reply: bool = True
     """Every reply must equal the pre-flight reply byte for byte (false if replies vary)."""
     connections: tuple[int, ...] = (1, 8, 32)
+    workers: tuple[int, ...] = ()
+    """() = the runner in a bench process; N = ``mtls-guard run --workers N`` (one runner per N)."""
 
     @property
     def round_trips(self) -> int:
@@ -135,6 +135,7 @@ class Scenario:
             plugin_options={},
             expect_action="none",
             exact_reply=True,
+            workers=(),
         )
 
     # -- transport between processes ---------------------------------------------------------
@@ -149,13 +150,79 @@ class Scenario:
         data["args"] = tuple((n, v) for n, v in data["args"])
         data["ei_trips"] = tuple(tuple(trip) for trip in data["ei_trips"])
         data["connections"] = tuple(data["connections"])
+        data["workers"] = tuple(data.get("workers", ()))
         return cls(**data)
+
+
+# mtls-guard as a route would use it: health checks exempt, everything else needs a client
+# certificate whose SAN URI is a SPIFFE ID of the prod namespace; the upstream gets the identity.
+MTLS_GUARD_POLICY = json.dumps(
+    {
+        "exempt": [{"id": "health", "path": "/healthz", "methods": ["GET", "HEAD"]}],
+        "require": {"san": {"uri": ["spiffe://example.test/ns/prod/sa/*"]}},
+        "forward": {"subject": "x-client-subject", "san": "x-client-san"},
+    },
+    separators=(",", ":"),
+)
+_MTLS_GUARD_CONNECTIONS = (1, 8, 32, 128)
+_MTLS_GUARD_WORKERS = (1, 2)
+
+
+@functools.cache
+def client_certificate() -> str:
+    """A real client certificate as nginx's ``$ssl_client_escaped_cert`` renders it, made once per
+    process (the parent's copy travels to the server and the load generator inside the scenario)."""
+    from plugins.mtls_guard.devcerts import CertFactory, escaped
+
+    factory = CertFactory()
+    ca = factory.ca("Bench Client CA")
+    leaf = factory.leaf(
+        ca,
+        cn="billing-7f9c",
+        subject_extra={"O": "Example", "OU": "prod"},
+        uris=["spiffe://example.test/ns/prod/sa/billing"],
+    )
+    return escaped(leaf.pem)
+
+
+def _mtls_guard_vars() -> dict[str, str]:
+    """ctx.var as nginx fills it for a verified client certificate over TLS (SNI = Host)."""
+    return {
+        **VARS,
+        "ssl_client_verify": "SUCCESS",
+        "ssl_client_escaped_cert": client_certificate(),
+        "ssl_server_name": "api.example.com",
+    }
 
 
 SCENARIOS: tuple[Scenario, ...] = (
     Scenario(
         name="runner/host-var",
         description="runner, trivial plugin: await request.var('host'), return None",
+    ),
+    Scenario(
+        name="mtls-guard/exempt",
+        description="mtls-guard, exempt path (GET /healthz): decided from the request alone, no ExtraInfo",
+        conf=(("mtls-guard", MTLS_GUARD_POLICY),),
+        path="/healthz",
+        args=(),
+        vars=_mtls_guard_vars(),
+        ei_trips=(),
+        connections=_MTLS_GUARD_CONNECTIONS,
+        workers=_MTLS_GUARD_WORKERS,
+    ),
+    Scenario(
+        name="mtls-guard/protected",
+        description=(
+            "mtls-guard, protected path: 5 variables in one pipelined ExtraInfo round trip, a verified "
+            "client certificate (parsed once, then cached), SAN checked, identity forwarded (Rewrite)"
+        ),
+        conf=(("mtls-guard", MTLS_GUARD_POLICY),),
+        vars=_mtls_guard_vars(),
+        ei_trips=(("ssl_client_verify", "ssl_client_escaped_cert", "ssl_server_name", "host", "scheme"),),
+        expect_action="rewrite",
+        connections=_MTLS_GUARD_CONNECTIONS,
+        workers=_MTLS_GUARD_WORKERS,
     ),
 )
 

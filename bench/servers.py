@@ -1,7 +1,15 @@
-"""Server processes under test: the floor or our runner, each pinned to its own core.
+"""Server processes under test: the floor or our runner.
 
 Parent side: :class:`ServerProcess` starts ``python -m bench.servers`` on a socket in a temp dir,
-waits until the child reports it is listening (a ready file), and stops it with SIGTERM.
+waits until the child reports it is listening (a ready file), and stops it with SIGTERM. With
+``workers=N`` it starts the production command instead, ``mtls-guard run --workers N`` (plugins
+from the installed entry points, the scenario's plugin options in a settings file), waits until the
+socket accepts connections, and reports the CPU time of the whole process tree (supervisor and
+workers) through :attr:`ServerProcess.pids`.
+
+Pinning: the floor and the in-process runner pin themselves to ``--cpu``; ``--workers 1`` is pinned
+to that CPU too (affinity set right after the start), ``--workers N > 1`` is not pinned at all: its
+workers need every core, so the kernel places them.
 
 Child side (``main``): pins itself to ``--cpu``, builds the event loop, and serves either
 ``bench.floor`` or ``runner.app.run`` — the production entry point, with the plugins named by the
@@ -12,8 +20,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
+import glob
+import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -33,11 +45,21 @@ _STOP_TIMEOUT = 5.0
 class ServerProcess:
     """One server subprocess (``with ServerProcess(...) as server: ... server.path``)."""
 
-    def __init__(self, scenario: Scenario, loop: str, cpu: int | None, profile: str | None = None) -> None:
+    def __init__(
+        self,
+        scenario: Scenario,
+        loop: str,
+        cpu: int | None,
+        profile: str | None = None,
+        workers: int | None = None,
+    ) -> None:
+        if workers is not None and profile is not None:
+            raise ValueError("--profile covers the in-process servers only")
         self.scenario = scenario
         self.loop = loop
-        self.cpu = cpu
+        self.cpu = cpu if workers is None or workers == 1 else None
         self.profile = profile
+        self.workers = workers
         self._tmp = tempfile.TemporaryDirectory(prefix="mtls-bench-")
         self.path = os.path.join(self._tmp.name, "runner.sock")
         self.log_path = os.path.join(self._tmp.name, "server.log")
@@ -51,7 +73,20 @@ class ServerProcess:
         assert self._proc is not None
         return self._proc.pid
 
+    @property
+    def label(self) -> str:
+        """How the server runs, for reports: in-process, or the production command's worker count."""
+        return "in-process" if self.workers is None else f"--workers {self.workers}"
+
+    @property
+    def pids(self) -> list[int]:
+        """Every process serving: the server itself and, under a supervisor, its workers."""
+        return [self.pid, *_children(self.pid)]
+
     def start(self) -> None:
+        if self.workers is not None:
+            self._start_command(self.workers)
+            return
         cmd = [sys.executable, "-m", "bench.servers", "--socket", self.path, "--ready-file", self._ready]
         cmd += ["--loop", self.loop, "--scenario", self.scenario.to_json()]
         if self.cpu is not None:
@@ -68,6 +103,33 @@ class ServerProcess:
                 self.stop()
                 raise RuntimeError(f"server not ready after {_READY_TIMEOUT:g}s:\n{self._log()}")
             time.sleep(0.01)
+
+    def _start_command(self, workers: int) -> None:
+        """``mtls-guard run --workers N`` exactly as an operator starts it (APISIX sets the socket)."""
+        settings = os.path.join(self._tmp.name, "runner.yaml")
+        # JSON is YAML: the scenario's plugin options become the settings file's plugins section.
+        Path(settings).write_text(json.dumps({"plugins": self.scenario.plugin_options}))
+        binary = str(Path(sys.executable).parent / "mtls-guard")
+        cmd = [binary, "run", "--config", settings, "--workers", str(workers), "--event-loop", self.loop]
+        cmd += ["--log-level", "warning"]
+        env = {k: v for k, v in os.environ.items() if not k.startswith("APISIX_")}
+        env["APISIX_LISTEN_ADDRESS"] = f"unix:{self.path}"
+        with open(self.log_path, "wb") as log:
+            self._proc = subprocess.Popen(cmd, cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+        if self.cpu is not None:
+            os.sched_setaffinity(self._proc.pid, {self.cpu})
+        deadline = time.monotonic() + _READY_TIMEOUT
+        while not _accepts(self.path):
+            if self._proc.poll() is not None:
+                raise RuntimeError(f"mtls-guard exited with {self._proc.returncode} before serving:\n{self._log()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"mtls-guard not serving after {_READY_TIMEOUT:g}s:\n{self._log()}")
+            time.sleep(0.02)
+        # The supervisor publishes the socket once every worker serves; give stragglers a moment.
+        deadline = time.monotonic() + _READY_TIMEOUT
+        while workers > 1 and len(_children(self.pid)) < workers and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def stop(self) -> None:
         proc = self._proc
@@ -96,6 +158,22 @@ class ServerProcess:
     ) -> None:
         self.stop()
         self._tmp.cleanup()
+
+
+def _accepts(path: str) -> bool:
+    with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
+        probe.connect(path)
+        return True
+    return False
+
+
+def _children(pid: int) -> list[int]:
+    """Child processes of ``pid`` (the supervisor's workers), from /proc."""
+    found: list[int] = []
+    for path in glob.glob(f"/proc/{pid}/task/*/children"):
+        with contextlib.suppress(OSError):
+            found += [int(x) for x in Path(path).read_text().split()]
+    return sorted(set(found))
 
 
 # --- child side ----------------------------------------------------------------------------------
