@@ -146,10 +146,10 @@ _AMPLIFY_SESSION = (
 from runner.protocol import codec
 from runner.session import Session, SessionConfig
 from fuzz import harness
-store = harness._new_store()  # token 1: mtls-guard, which reads every header of every request
+store = harness._new_store()  # token 2: mtls-guard forwarding identity, so it reads every request header
 writes = []
 session = Session(SessionConfig(store=store), writes.append, lambda: writes.append(b"closed"), lambda cb: None)
-session.data_received(codec.encode_frame(2, PAYLOAD))
+session.data_received(codec.encode_frame(2, aliased(65536, 1 << 20, 2)))
 (frame,) = harness._output_frames(writes)
 peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss >> 10
 code = codec.decode_error(frame.payload).name if frame.type == 0 else f"type {frame.type}"
