@@ -54,6 +54,12 @@ class RunnerProcess:
 
     def start(self, timeout: float = 15.0) -> RunnerProcess:
         assert self.proc is None or self.proc.poll() is not None, "runner already running"
+        # A SIGKILLed runner leaves its socket file behind, and its workers may accept on it for a few
+        # more milliseconds while they exit: wait for the new process's own socket, not that one.
+        try:
+            stale_inode: int | None = os.lstat(self.socket_path).st_ino
+        except FileNotFoundError:
+            stale_inode = None
         with self.log_path.open("ab") as log:
             self.proc = subprocess.Popen(
                 self.argv,
@@ -70,11 +76,17 @@ class RunnerProcess:
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"runner exited with {self.proc.returncode} at start-up:\n{self.log()}")
-            if self._accepts():
+            if self._inode() != stale_inode and self._accepts():
                 return self
             time.sleep(0.02)
         self.kill()
         raise RuntimeError(f"runner did not listen on {self.socket_path} within {timeout}s:\n{self.log()}")
+
+    def _inode(self) -> int | None:
+        try:
+            return os.lstat(self.socket_path).st_ino
+        except FileNotFoundError:
+            return None
 
     def _accepts(self) -> bool:
         with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
