@@ -207,7 +207,10 @@ def run_matrix(
             elif not scenario.workers:
                 servers.append(ServerProcess(scenario, loop, opts.server_cpu, _profile_path(opts, scenario, loop)))
             elif opts.profile_dir is None:
-                servers += [ServerProcess(scenario, loop, opts.server_cpu, workers=w) for w in scenario.workers]
+                servers += [
+                    ServerProcess(scenario, loop, opts.server_cpu, workers=w, tree_cpus=_tree_cpus(opts, w))
+                    for w in scenario.workers
+                ]
             try:
                 for srv in servers:
                     srv.start()
@@ -222,6 +225,7 @@ def run_matrix(
                             runner=srv.label,
                             workers=srv.workers,
                             processes=len(srv.pids),
+                            server_cpus=sorted(srv.tree_cpus) if srv.tree_cpus else None,
                             shape=srv.scenario.shape,
                             loop=loop,
                             connections=n,
@@ -234,6 +238,15 @@ def run_matrix(
                     _check_server_exit(srv, points)
                     srv.__exit__(None, None, None)
     return points
+
+
+def _tree_cpus(opts: Options, workers: int) -> set[int] | None:
+    """Cores for a supervisor and its ``workers``: all but the load generator's when there are enough
+    of them (then 2 workers vs 1 is the scaling target's setup), else None: no pinning (2 cores)."""
+    if workers < 2 or opts.client_cpu is None:
+        return None
+    others = set(os.sched_getaffinity(0)) - {opts.client_cpu}
+    return others if len(others) >= workers else None
 
 
 def _profile_path(opts: Options, scenario: Scenario, loop: str) -> str | None:
@@ -466,30 +479,32 @@ def _scaling_verdict(one: dict[str, Any], two: dict[str, Any]) -> str:
     name = f"{one['scenario']} ({one['loop']}, {one['connections']} conns)"
     ratio = two["rps"] / one["rps"]
     cores = os.cpu_count() or 1
-    # The cores the server could use: all of them minus what the load generator took. 1 worker used
-    # server_cpu_share of its core, so this is the best 2 workers could do at the same cost per request.
+    # What 2 workers could reach at the 1-worker cost per request: every core minus what the load
+    # generator took, over what 1 worker used (its own core, as in the target's setup).
     ceiling = (cores - two["client_cpu_share"]) / one["server_cpu_share"] if one["server_cpu_share"] else 0.0
-    cost = (
-        f"server CPU per request 1 worker {one['server_us_per_req']:.1f} µs, 2 workers "
+    detail = (
+        f"the load generator took {two['client_cpu_share']:.0%} of a core (ceiling {ceiling:.2f}x at equal cost "
+        f"per request); server CPU per request 1 worker {one['server_us_per_req']:.1f} µs, 2 workers "
         f"{two['server_us_per_req']:.1f} µs (all processes)"
     )
-    if ceiling and ratio > ceiling * 1.1:
+    if two.get("server_cpus"):  # the workers had cores of their own: this is the target's setup
+        verdict = _verdict(ratio >= TARGET_SCALING, one["noisy"] or two["noisy"])
         return (
-            f"- {name}: 2 workers / 1 worker throughput {ratio:.2f}x: **inconclusive** — more than the cores "
-            f"allow ({ceiling:.2f}x), so the 1-worker run was slowed by something else; {cost}"
+            f"- {name}: 2 workers / 1 worker throughput {ratio:.2f}x (target >= {TARGET_SCALING}x, workers on "
+            f"CPUs {two['server_cpus']}, load generator on its own core): **{verdict}**; server CPU per request "
+            f"1 worker {one['server_us_per_req']:.1f} µs, 2 workers {two['server_us_per_req']:.1f} µs"
         )
     if ratio >= TARGET_SCALING:
-        # 1 worker has a core of its own as in the target's setup; 2 workers here also share the cores
-        # with the load generator, so this ratio is a lower bound for the target's setup.
+        # 1 worker had a core of its own, as in the target's setup; 2 workers shared the cores with the
+        # load generator, so this ratio is a lower bound for the target's setup.
         verdict = _verdict(True, one["noisy"] or two["noisy"])
         return (
             f"- {name}: 2 workers / 1 worker throughput {ratio:.2f}x (target >= {TARGET_SCALING}x): **{verdict}** "
-            f"even with the load generator sharing the {cores} cores; {cost}"
+            f"even with the load generator sharing the {cores} cores; {detail}"
         )
     return (
         f"- {name}: 2 workers / 1 worker throughput {ratio:.2f}x (target >= {TARGET_SCALING}x with the load "
-        f"generator on another core or machine): **not demonstrable on this machine** — the load generator "
-        f"took {two['client_cpu_share']:.0%} of a core, leaving the workers a ceiling of {ceiling:.2f}x; {cost}"
+        f"generator on another core or machine): **not demonstrable on this machine** — {detail}"
     )
 
 
@@ -537,12 +552,13 @@ def _scaling(points: list[dict[str, Any]], opts: Options) -> list[str]:
         )
     lines += [
         "",
-        f"1 worker is pinned to CPU {opts.server_cpu}, the load generator to CPU {opts.client_cpu}; "
-        "2 workers (and their supervisor) float over both cores, the load generator's included. So 2 workers can "
-        "only gain what the load generator leaves idle of its core: this is not the 1.7x scaling target, which "
-        "needs the load generator on a third core or another machine. What these points do show: server CPU per "
-        "request (summed over supervisor and workers) with 2 workers vs 1, i.e. whether a second worker adds cost "
-        "per request, and from the per-process split that both workers serve.",
+        f"1 worker is pinned to CPU {opts.server_cpu}, the load generator to CPU {opts.client_cpu}. 2 workers (and "
+        "their supervisor) run on the other cores when there are at least two (the scaling target's setup); with "
+        "fewer they float over all cores, the load generator's included, and can only gain what the load "
+        "generator leaves idle of its core, which is not the target's setup (it needs the load generator on a "
+        "third core or another machine). Either way the points show server CPU per request (summed over "
+        "supervisor and workers) with 2 workers vs 1, i.e. whether a second worker adds cost per request, and "
+        "from the per-process split that both workers serve.",
     ]
     return lines
 

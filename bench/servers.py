@@ -8,8 +8,11 @@ socket accepts connections, and reports the CPU time of the whole process tree (
 workers) through :attr:`ServerProcess.pids`.
 
 Pinning: the floor and the in-process runner pin themselves to ``--cpu``; ``--workers 1`` is pinned
-to that CPU too (affinity set right after the start), ``--workers N > 1`` is not pinned at all: its
-workers need every core, so the kernel places them.
+to that CPU too (affinity set right after the start, so it holds for the whole process).
+``--workers N > 1`` gets ``tree_cpus``: the cores other than the load generator's when there are at
+least N of them (a 3+ core machine), else no pinning at all (2 cores: the workers need both, so they
+share the load generator's core and the kernel places them). Workers inherit the supervisor's
+affinity.
 
 Child side (``main``): pins itself to ``--cpu``, builds the event loop, and serves either
 ``bench.floor`` or ``runner.app.run`` — the production entry point, with the plugins named by the
@@ -52,12 +55,14 @@ class ServerProcess:
         cpu: int | None,
         profile: str | None = None,
         workers: int | None = None,
+        tree_cpus: set[int] | None = None,
     ) -> None:
         if workers is not None and profile is not None:
             raise ValueError("--profile covers the in-process servers only")
         self.scenario = scenario
         self.loop = loop
         self.cpu = cpu if workers is None or workers == 1 else None
+        self.tree_cpus = tree_cpus if workers is not None and workers > 1 else None
         self.profile = profile
         self.workers = workers
         self._tmp = tempfile.TemporaryDirectory(prefix="mtls-bench-")
@@ -118,6 +123,8 @@ class ServerProcess:
             self._proc = subprocess.Popen(cmd, cwd=_ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
         if self.cpu is not None:
             os.sched_setaffinity(self._proc.pid, {self.cpu})
+        elif self.tree_cpus is not None:
+            os.sched_setaffinity(self._proc.pid, self.tree_cpus)  # before it spawns its workers
         deadline = time.monotonic() + _READY_TIMEOUT
         while not _accepts(self.path):
             if self._proc.poll() is not None:
