@@ -13,8 +13,9 @@ from collections.abc import Callable, Mapping
 from datetime import UTC, datetime
 from typing import Any
 
+from runner.errors import PluginFailure
 from runner.metrics import CounterSnapshot
-from runner.plugin import BasePlugin, HTTPRequest
+from runner.plugin import BasePlugin, HTTPRequest, HTTPResponse
 from runner.protocol.messages import Stop
 
 from .identity import CertificateCache
@@ -100,6 +101,15 @@ class MtlsGuard(BasePlugin[CompiledPolicy]):
 
     def parse_conf(self, value: str) -> CompiledPolicy:
         return compile_policy(value, self.library)
+
+    async def on_response(self, conf: CompiledPolicy, response: HTTPResponse) -> None:
+        """Attached to ext-plugin-post-resp, the request has already reached the upstream: nothing
+        can be protected any more. Fail every such call (503) so the mistake cannot go unnoticed,
+        instead of silently letting responses through as a no-op would."""
+        raise PluginFailure(
+            "mtls-guard runs in ext-plugin-pre-req (or post-req), not ext-plugin-post-resp: "
+            "by then the request has reached the upstream"
+        )
 
     async def on_request(self, conf: CompiledPolicy, request: HTTPRequest) -> Stop | None:
         facts, decision = await decide_request(conf, request, self.cache)

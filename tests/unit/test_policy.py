@@ -806,3 +806,20 @@ def test_now_must_be_aware() -> None:
 def test_utc_clock_matches_factory() -> None:
     """The factory's clock is timezone-aware UTC (the table relies on it)."""
     assert NOW.tzinfo is UTC
+
+
+class TestPostRespRefused:
+    def test_mtls_guard_in_post_resp_fails_every_call(self) -> None:
+        """Attached to ext-plugin-post-resp, mtls-guard answers every call with a failure (503), never a no-op."""
+        import asyncio
+
+        from plugins.mtls_guard.plugin import MtlsGuard
+        from runner.errors import PluginFailure
+        from runner.plugin import HTTPResponse
+        from runner.protocol import codec
+
+        plugin = MtlsGuard()
+        policy = plugin.parse_conf("{}")
+        call = codec.decode_http_resp_call(codec.http_resp_call_frame(id=1, conf_token=1)[4:])
+        with pytest.raises(PluginFailure, match="ext-plugin-pre-req"):
+            asyncio.run(plugin.on_response(policy, HTTPResponse(call, channel=None)))  # type: ignore[arg-type]
