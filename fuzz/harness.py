@@ -46,9 +46,10 @@ from plugins.mtls_guard.identity import (
     load_pem,
     unescape_nginx,
 )
-from plugins.mtls_guard.paths import canonical_value, canonicalize
+from plugins.mtls_guard.matchers import authority_host
+from plugins.mtls_guard.paths import classify_path, exempt_path
 from plugins.mtls_guard.policy import CompiledPolicy, compile_policy, san_header_value
-from plugins.mtls_guard.schema import ApisixSource, HeaderSource, Mode, PolicyError
+from plugins.mtls_guard.schema import ApisixSource, HeaderSource, Mode, PolicyError, fold_name
 from runner import BasePlugin, HTTPRequest, HTTPResponse, PluginRegistry, Stop
 from runner.confcache import Chain, ConfStore
 from runner.protocol import codec
@@ -715,13 +716,17 @@ def _check_exchange(ex: _Exchange, known: set[int], store: ConfStore) -> None:
             _check_mtls_pass(ex, view, chain)
 
 
-def _exempt_by_fixture_rule(method: str, path: str | None) -> bool:
-    """Independent reading of token 2's rule: GET/HEAD and a path that is plainly /public/[a-z]+."""
+def _exempt_by_fixture_rule(method: str, path: str | None, encoded: bool) -> bool:
+    """Independent reading of token 2's rule: GET/HEAD and a path that is plainly /public/[a-z]+.
+
+    ``encoded``: the path is an earlier plugin's $upstream_uri (decoded once before matching); else
+    it is $uri, which is matched literally, so a "%" in it never matches.
+    """
     if method.upper() not in ("GET", "HEAD") or path is None:
         return False
     if re.fullmatch(r"[/a-zA-Z0-9%]*", path) is None:
         return False
-    return re.fullmatch(r"/public/[a-z]+", unquote(path, errors="strict")) is not None
+    return re.fullmatch(r"/public/[a-z]+", unquote(path, errors="strict") if encoded else path) is not None
 
 
 def _check_mtls_pass(ex: _Exchange, view: codec.HTTPReqCall, chain: Chain) -> None:
@@ -731,13 +736,14 @@ def _check_mtls_pass(ex: _Exchange, view: codec.HTTPReqCall, chain: Chain) -> No
     config = policy.config
     if config.mode is not Mode.ENFORCE:
         return
-    if view.conf_token == 2 and _exempt_by_fixture_rule(METHOD_NAMES[view.method], view.path):
+    encoded = bool(ex.var_answer("upstream_uri"))
+    if view.conf_token == 2 and _exempt_by_fixture_rule(METHOD_NAMES[view.method], view.path, encoded):
         return
     if config.exempt and view.conf_token != 2:
         return  # a fuzzer-made policy with exemptions: no independent oracle for its rules
     source = config.source
     if isinstance(source, ApisixSource):
-        _require(ex.var_answer("scheme") == b"https", "mtls-guard let a plain-http request through")
+        # ssl_client_verify is "not found" over plain HTTP (decision.is_tls), so SUCCESS also means TLS.
         verify = ex.var_answer("ssl_client_verify")
         _require(verify == b"SUCCESS", f"mtls-guard let a request through with ssl_client_verify={verify!r}")
         if view.conf_token in (1, 2, 9):
@@ -865,24 +871,27 @@ _RFC9440_LEAF: Final = ":" + base64.b64encode(load_pem(LEAF_PEM).certificate.pub
 _FORMATS: Final = tuple(ForwardedFormat)
 
 
-def _check_canonical(raw: str | None) -> None:
-    result = canonicalize(raw)
-    _require(canonical_value(raw) == (None if result.ambiguous else result.value), "canonical_value disagrees")
-    _require(result.ambiguous == bool(result.reason), "ambiguous without a reason (or the reverse)")
-    if result.ambiguous:
-        return
-    value = result.value
-    _require(value.startswith("/"), f"unambiguous path {value!r} is not absolute")
-    _require("//" not in value and "%" not in value, f"unambiguous path {value!r} keeps // or %")
-    _require(_FORBIDDEN.search(value) is None, f"unambiguous path {value!r} has a forbidden character")
-    segments = value.split("/")
-    _require("." not in segments and ".." not in segments, f"unambiguous path {value!r} has a dot segment")
-    _require(
-        all(unicodedata.category(c) not in _BAD_CATEGORIES for c in value if c > "\x7f"),
-        f"unambiguous path {value!r} has an invisible or unassigned character",
-    )
-    if "?" not in value and "#" not in value:
-        _require(canonicalize(value) == result, f"canonicalize is not idempotent on {value!r}")
+def _check_judged_path(raw: str | None) -> None:
+    for encoded in (False, True):
+        value, reason = classify_path(raw, encoded=encoded)
+        _require(exempt_path(raw, encoded=encoded) == (None if reason else value), "exempt_path disagrees")
+        if reason:
+            continue
+        _require(value.startswith("/"), f"unambiguous path {value!r} is not absolute")
+        _require("//" not in value and "%" not in value, f"unambiguous path {value!r} keeps // or %")
+        _require(_FORBIDDEN.search(value) is None, f"unambiguous path {value!r} has a forbidden character")
+        segments = value.split("/")
+        _require("." not in segments and ".." not in segments, f"unambiguous path {value!r} has a dot segment")
+        _require(
+            all(unicodedata.category(c) not in _BAD_CATEGORIES for c in value if c > "\x7f"),
+            f"unambiguous path {value!r} has an invisible or unassigned character",
+        )
+        if not encoded:
+            # $uri is matched literally: never decoded a second time.
+            _require(value == raw, f"a decoded path was changed: {raw!r} -> {value!r}")
+        elif "?" not in value and "#" not in value:
+            again = classify_path(value, encoded=True)
+            _require(again == (value, ""), f"classify_path is not idempotent on {value!r}")
 
 
 def _fuzzed_vars(reader: ByteReader, names: Sequence[str]) -> dict[str, str | None]:
@@ -890,8 +899,7 @@ def _fuzzed_vars(reader: ByteReader, names: Sequence[str]) -> dict[str, str | No
         "ssl_client_verify": ("SUCCESS", "NONE", "FAILED:certificate has expired", None, "success"),
         "ssl_client_escaped_cert": (_ESCAPED_LEAF, quote(CA_PEM, safe=""), None, "", LEAF_PEM),
         "ssl_server_name": ("a.fuzz.example", "A.FUZZ.EXAMPLE.", None, "b.fuzz.example"),
-        "host": ("a.fuzz.example", "a.fuzz.example:443", None, "[::1]"),
-        "scheme": ("https", "http", None, "HTTPS"),
+        "upstream_uri": ("", None, "/public/%61bc", "/x%2Fy"),
         "realip_remote_addr": ("10.1.2.3", "::ffff:10.0.0.1", "fd00::1", "127.0.0.1", "11.0.0.1", "::ffff:b00:1", None),
     }
     out: dict[str, str | None] = {}
@@ -936,7 +944,8 @@ def _check_decide(reader: ByteReader) -> None:
         header = reader.pick(("x-forwarded-client-cert", "client-cert", "client-cert-chain", "x-client-fp", "host"))
         value = reader.pick((_XFCC_LEAF, _RFC9440_LEAF, quote(LEAF_PEM, safe=""), None, ""))
         headers.append((header, reader.text() if reader.byte() & 1 else value))
-    facts = RequestInput(method=method, path=path, headers=tuple(headers))
+    host = authority_host(reader.pick(("a.fuzz.example", "a.fuzz.example:443", None, "[::1]", reader.text())))
+    facts = RequestInput(method=method, path=path, headers=tuple(headers), host=host)
     outcome = policy.decide(facts, None, now=now, cache=_CACHE)
     values: dict[str, str | None] = {}
     if isinstance(outcome, NeedVars):
@@ -945,7 +954,8 @@ def _check_decide(reader: ByteReader) -> None:
         outcome = policy.decide(facts, values, now=now, cache=_CACHE)
         _require(isinstance(outcome, Decision), "the policy asked for variables twice")
     assert isinstance(outcome, Decision)
-    policy.upstream_headers(outcome, facts.headers)
+    spellings = tuple(dict.fromkeys(n for n, _ in facts.headers if fold_name(n).encode() in policy.strip_folded))
+    policy.upstream_headers(outcome, spellings)
     if not outcome.allowed:
         policy.reject_response(outcome)
         return
@@ -953,14 +963,15 @@ def _check_decide(reader: ByteReader) -> None:
     if config.mode is Mode.REPORT or outcome.reason is Reason.EXEMPT:
         if outcome.reason is Reason.EXEMPT:
             _require(name == "exempt", f"policy {name!r} has no exemption but exempted a request")
-            _require(_exempt_by_fixture_rule(method, path), f"exempted {method} {path!r}")
+            encoded = bool(values.get("upstream_uri"))
+            _require(_exempt_by_fixture_rule(method, path, encoded), f"exempted {method} {path!r}")
         return
     _require(outcome.reason is Reason.VERIFIED, f"allowed in enforce mode with reason {outcome.reason}")
     _require(now == _NOW, f"a certificate outside its validity was accepted at {now:%Y}")
     _require(name != "strict", "the strict policy verified a certificate whose SAN it does not accept")
     if isinstance(config.source, ApisixSource):
+        # ssl_client_verify is "not found" over plain HTTP (decision.is_tls), so SUCCESS also means TLS.
         _require(values.get("ssl_client_verify") == "SUCCESS", "verified without ssl_client_verify=SUCCESS")
-        _require(values.get("scheme") == "https", "verified over plain http")
     else:
         assert isinstance(config.source, HeaderSource)
         _require(_peer_in(values.get("realip_remote_addr") or "", config.source.trusted_proxies), "untrusted peer")
@@ -988,7 +999,7 @@ def check_policy(data: bytes) -> None:
     reader = ByteReader(data)
     mode = reader.byte() % 6
     if mode == 0:
-        _check_canonical(reader.rest())
+        _check_judged_path(reader.rest())
     elif mode == 1:
         text = reader.rest()
         try:

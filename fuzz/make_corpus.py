@@ -51,8 +51,7 @@ GOOD_VARS: dict[str, str | None] = {
     "ssl_client_verify": "SUCCESS",
     "ssl_client_escaped_cert": ESCAPED_LEAF,
     "ssl_server_name": "a.fuzz.example",
-    "host": "a.fuzz.example",
-    "scheme": "https",
+    "upstream_uri": "",
     "realip_remote_addr": "10.1.2.3",
     "a": "1",
     "b": "",
@@ -68,6 +67,7 @@ def _req(token: int, id: int = 7, **kwargs: object) -> bytes:
         "conf_token": token,
         "path": "/api/v1",
         "src_ip": ipaddress.ip_address("192.0.2.1").packed,
+        "headers": (("host", "a.fuzz.example"),),
     }
     fields.update(kwargs)
     return codec.http_req_call_frame(**fields)  # type: ignore[arg-type]
@@ -204,7 +204,7 @@ def session_seeds() -> Iterator[tuple[str, bytes]]:
         "enforce-verified": converse([_req(1)]),
         "enforce-no-cert": converse([_req(1)], {**GOOD_VARS, "ssl_client_verify": "NONE"}),
         "enforce-failed": converse([_req(1)], {**GOOD_VARS, "ssl_client_verify": "FAILED:unable to verify"}),
-        "enforce-plain-http": converse([_req(1)], {**GOOD_VARS, "scheme": "http"}),
+        "enforce-plain-http": converse([_req(1)], {**GOOD_VARS, "ssl_client_verify": None}),
         "enforce-sni-mismatch": converse([_req(1)], {**GOOD_VARS, "ssl_server_name": "b.fuzz.example"}),
         "exempt-public": converse([_req(2, path="/public/abc"), _req(2, path="/public/%61bc", method=1)]),
         "exempt-protected": converse([_req(2, path="/admin", headers=(("x-client-fp", "forged"),))]),

@@ -252,8 +252,16 @@ class HTTPRequest(_ExtraInfoMixin):
         return self._body
 
     # -- changes ------------------------------------------------------------------------------
-    def set_path(self, path: str) -> None:
-        if not path.startswith("/") or "?" in path:
+    def set_path(self, path: str, *, literal_question_mark: bool = False) -> None:
+        """Proxy ``path`` instead of the client's request-target; the query is kept as sent.
+
+        ``path`` is decoded text: APISIX percent-encodes space, ``#``, ``%``, ``?``, controls and
+        non-ASCII bytes before proxying it (``core.utils.uri_safe_encode``). A ``?`` is therefore
+        delivered as ``%3F``, never as a query; it is refused unless ``literal_question_mark`` says
+        the caller means a literal one (a ``$uri`` decoded from ``%3F``), so that a plugin cannot
+        believe it added query arguments (use ``set_arg`` for that).
+        """
+        if not path.startswith("/") or ("?" in path and not literal_question_mark):
             raise ValueError("path must start with '/' and carry no query (use set_arg)")
         self._path = path
 

@@ -40,9 +40,22 @@ __all__ = [
     "conf",
     "http_req_call_frame",
     "prepare_conf_frame",
+    "uri_safe_encode",
 ]
 
 MAX_TRIES = 3  # apache/apisix ext-plugin init.lua communicate()
+
+
+# nginx's NGX_ESCAPE_URI table (src/core/ngx_string.c, ngx_escape_uri): controls, space, '#', '%',
+# '?', DEL and every byte >= 0x80. APISIX's core.utils.uri_safe_encode is ngx_escape_uri(..., 0).
+_URI_UNSAFE = frozenset(range(0x21)) | {ord("#"), ord("%"), ord("?")} | frozenset(range(0x7F, 0x100))
+
+
+def uri_safe_encode(path: str) -> str:
+    """What APISIX proxies for a Rewrite ``path`` (apisix/plugins/ext-plugin/init.lua applies
+    ``core.utils.uri_safe_encode`` to it): unsafe bytes as upper-case %XX, the rest literal."""
+    raw = path.encode("utf-8", "surrogateescape")
+    return "".join(f"%{b:02X}" if b in _URI_UNSAFE else chr(b) for b in raw)
 
 
 class ProtocolMismatch(AssertionError):

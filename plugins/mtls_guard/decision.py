@@ -18,11 +18,21 @@ from typing import Final, Literal
 from .forwarded import parse_forwarded
 from .identity import CertificateCache, CertificateError, ClientCertificate, load_pem, unescape_nginx
 from .matchers import ExemptMatcher, SanMatcher, normalize_host
-from .paths import canonical_value
+from .paths import exempt_path
 from .schema import HOST_MISMATCH_STATUS, HeaderSource, IPNetwork, Mode
 from .trust import TrustBundle
 
-__all__ = ["Decision", "Engine", "IdentityChecks", "NeedVars", "Reason", "RequestInput", "sanitize_detail"]
+__all__ = [
+    "Decision",
+    "Engine",
+    "IdentityChecks",
+    "NeedVars",
+    "Reason",
+    "RequestInput",
+    "is_tls",
+    "sanitize_detail",
+    "sni_binds_host",
+]
 
 MAX_DETAIL: Final = 80
 # The order variables are requested in; also the order NeedVars lists them.
@@ -30,8 +40,7 @@ VAR_ORDER: Final = (
     "ssl_client_verify",
     "ssl_client_escaped_cert",
     "ssl_server_name",
-    "host",
-    "scheme",
+    "upstream_uri",
     "realip_remote_addr",
 )
 # Cache keys are namespaced per parse function (identity.CertificateCache requires it).
@@ -56,9 +65,17 @@ class Reason(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class RequestInput:
+    """What the decision reads from the HTTPReqCall itself (no variable round trip needed)."""
+
     method: str
     path: str | None
-    headers: tuple[tuple[str, str | None], ...] = ()  # lower-case names, repeats allowed
+    headers: tuple[tuple[str, str | None], ...] = ()  # header mode only: lower-case names, repeats allowed
+    # The Host header as APISIX passes it on ($upstream_host, i.e. $http_host at this phase):
+    # normalised, port removed (matchers.authority_host). This is the Host the upstream receives.
+    host: str | None = None
+    overridden: bool = False  # a method-override header (any spelling) or a _method argument
+    preflight: bool = False  # OPTIONS with Origin and Access-Control-Request-Method
+    aliased_source: bool = False  # header mode: a certificate header sent under another spelling
 
 
 @dataclass(frozen=True, slots=True)
@@ -135,6 +152,29 @@ def _peer_trusted(value: str | None, v4: tuple[IPNetwork, ...], v6: tuple[IPNetw
     return any(address in net for net in v4)
 
 
+def is_tls(vars: Mapping[str, str | None]) -> bool:
+    """Whether the request came over TLS, from ``ssl_client_verify`` alone (saves the ``scheme`` variable).
+
+    nginx's ssl variables report "not found" on a plain connection and ``ssl_client_verify`` is set on
+    every TLS one ("NONE" without a certificate): src/http/modules/ngx_http_ssl_module.c,
+    ngx_http_ssl_variable() and ngx_http_ssl_client_verify() both test ``r->connection->ssl`` first.
+    APISIX's ExtraInfo Var then sends no result (apisix/plugins/ext-plugin/init.lua,
+    handle_extra_info: ``if res then ... end``), which reads as None here.
+    """
+    return vars.get("ssl_client_verify") is not None
+
+
+def sni_binds_host(host: str | None, vars: Mapping[str, str | None]) -> bool:
+    """Whether the Host can be believed: over TLS it must name the SNI the handshake was made for.
+
+    Over plain HTTP there is nothing to bind it to, so it is taken as sent (see SECURITY.md).
+    """
+    if not is_tls(vars):
+        return True
+    sni = vars.get("ssl_server_name")
+    return sni is not None and host is not None and normalize_host(sni) == host
+
+
 @dataclass(frozen=True, slots=True)
 class Engine:
     """Compiled decision procedure for one policy (built by policy.compile_policy)."""
@@ -146,10 +186,11 @@ class Engine:
     require_sni_match: bool
     reject_status: int
     need_protected: NeedVars
-    need_host_and_protected: NeedVars
+    need_sni_check: NeedVars  # protected + what a host rule needs to bind the Host to the SNI
     exempt_decisions: Mapping[str, Decision]  # one immutable Decision per rule id, built once
     trusted_v4: tuple[IPNetwork, ...] = ()
     trusted_v6: tuple[IPNetwork, ...] = ()
+    need_path_origin: NeedVars = NeedVars(("upstream_uri",))  # protected + sni check + upstream_uri
 
     def decide(
         self,
@@ -159,21 +200,47 @@ class Engine:
         now: datetime,
         cache: CertificateCache,
     ) -> Decision | NeedVars:
-        canonical = canonical_value(request.path)
-        # Ambiguous paths are matched by no rule at all, methods-only rules included (fail closed).
-        path = None if canonical is None else canonical.encode("utf-8")
-        host = vars.get("host") if vars is not None else None
-        rule_id, needs_host = self.exempt.match(request.method.upper(), path, host, vars is not None)
-        if rule_id:
-            return self.exempt_decisions[rule_id]
+        raw = request.path
+        encoded = False
+        if raw is not None and "%" in raw:
+            # Only here can "$uri, delivered by our Rewrite" and "an $upstream_uri an earlier plugin
+            # set, delivered as is" read differently (paths module docstring): ask which it is.
+            if vars is None:
+                return self.need_path_origin
+            encoded = bool(vars.get("upstream_uri"))
+        path = exempt_path(raw, encoded=encoded)
+        sni_binds = None
+        if vars is not None and self.exempt.has_host_rules:
+            sni_binds = sni_binds_host(request.host, vars)
+        match = self.exempt.match(
+            request.method.upper(),
+            None if path is None else path.encode("utf-8"),
+            request.host,
+            sni_binds=sni_binds,
+            overridden=request.overridden,
+            preflight=request.preflight,
+        )
+        if match.rule:
+            return self.exempt_decisions[match.rule]
         if vars is None:
-            # One round trip: when a host rule may still exempt, fetch the protected set with "host".
-            return self.need_host_and_protected if needs_host else self.need_protected
+            # One round trip: when a host rule may still exempt, fetch its SNI along with the protected set.
+            return self.need_sni_check if match.needs_sni else self.need_protected
+        if match.host_refused:
+            # The Host names an exempt host, the TLS connection another: the same 421 as protected requests.
+            return self._finish(Reason.HOST_MISMATCH, "host-rule", None)
         if self.header_source is not None:
             outcome = self._header_mode(self.header_source, request, vars, now, cache)
         else:
-            outcome = self._apisix_mode(vars, now, cache)
+            outcome = self._apisix_mode(request, vars, now, cache)
         return self._finish(*outcome)
+
+    def delivers_as_judged(self, request: RequestInput, vars: Mapping[str, str | None] | None) -> bool:
+        """Whether the caller must Rewrite the path to the judged one (False: an earlier plugin's
+        already-encoded ``$upstream_uri`` that reaches the upstream as it is)."""
+        raw = request.path
+        if raw is None:
+            return False
+        return "%" not in raw or vars is None or not vars.get("upstream_uri")
 
     def _finish(self, reason: Reason, detail: str, identity: ClientCertificate | None) -> Decision:
         if reason is Reason.VERIFIED:
@@ -190,16 +257,14 @@ class Engine:
         return Reason.VERIFIED, "", cert
 
     def _apisix_mode(
-        self, vars: Mapping[str, str | None], now: datetime, cache: CertificateCache
+        self, request: RequestInput, vars: Mapping[str, str | None], now: datetime, cache: CertificateCache
     ) -> tuple[Reason, str, ClientCertificate | None]:
-        if vars.get("scheme") != "https":
+        if not is_tls(vars):
             return Reason.PLAIN_HTTP, "", None
-        if self.require_sni_match:
-            # An HTTP/2 connection coalesced onto another origin carries that origin's TLS identity;
-            # 421 tells the client to retry on a fresh connection (nginx, Traefik and Caddy do the same).
-            sni, host = vars.get("ssl_server_name"), vars.get("host")
-            if not sni or not host or normalize_host(sni) != normalize_host(host):
-                return Reason.HOST_MISMATCH, "", None
+        # An HTTP/2 connection coalesced onto another origin carries that origin's TLS identity;
+        # 421 tells the client to retry on a fresh connection (nginx, Traefik and Caddy do the same).
+        if self.require_sni_match and not sni_binds_host(request.host, vars):
+            return Reason.HOST_MISMATCH, "", None
         verify = vars.get("ssl_client_verify")
         if not verify or verify == "NONE":
             return Reason.NO_CERT, "", None
@@ -230,9 +295,14 @@ class Engine:
                 values.append(value or "")
             elif name == source.chain_header:
                 chain_values.append(value or "")
+        forged = values or chain_values or request.aliased_source
         # Only the direct TCP peer counts: X-Forwarded-For is written by whoever connects.
         if not _peer_trusted(vars.get("realip_remote_addr"), self.trusted_v4, self.trusted_v6):
-            return Reason.UNTRUSTED_PROXY, "forged-header" if values or chain_values else "", None
+            return Reason.UNTRUSTED_PROXY, "forged-header" if forged else "", None
+        if request.aliased_source:
+            # A trusted proxy writes the header under its configured name; another spelling was
+            # passed through from the client (a proxy that strips "x-client-cert" may keep "x_client_cert").
+            return Reason.FORWARDED_CERT_INVALID, "aliased-header", None
         try:
             forwarded = parse_forwarded(source.format, values, chain_values, cache)
         except CertificateError as exc:

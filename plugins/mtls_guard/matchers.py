@@ -18,12 +18,15 @@ import re2
 __all__ = [
     "APISIX_METHODS",
     "MAX_PATTERN_LENGTH",
+    "NO_MATCH",
     "DomainSet",
     "EmailPattern",
+    "ExemptMatch",
     "ExemptMatcher",
     "ExemptRuleSpec",
     "SanMatcher",
     "UriPattern",
+    "authority_host",
     "compile_regex",
     "normalize_fingerprint",
     "normalize_host",
@@ -53,6 +56,27 @@ def normalize_host(host: str) -> str:
     """Host names compare case-insensitively and an FQDN's trailing dot is the same name."""
     host = host.lower()
     return host[:-1] if host.endswith(".") else host
+
+
+def authority_host(value: str | None) -> str | None:
+    """The host of a Host header value (``Name:8443``, ``[::1]:443``): normalised, port removed.
+
+    None for an empty or malformed value, which then matches no host rule and no SNI.
+    """
+    if not value:
+        return None
+    if value.startswith("["):
+        end = value.find("]")
+        rest = value[end + 1 :]
+        if end < 0 or (rest and not (rest[0] == ":" and rest[1:].isdigit())):
+            return None
+        return value[: end + 1].lower()
+    name, colon, port = value.rpartition(":")
+    if colon:
+        if not port.isdigit():
+            return None
+        value = name
+    return normalize_host(value) or None
 
 
 def _hostname(value: str, *, min_labels: int = 1) -> str:
@@ -235,6 +259,24 @@ class ExemptRuleSpec:
     path: str | None
     methods: frozenset[str] | None
     hosts: DomainSet | None
+    preflight: bool = False  # only OPTIONS with Origin and Access-Control-Request-Method
+
+
+@dataclass(frozen=True, slots=True)
+class ExemptMatch:
+    """The outcome of matching one request against the exemption rules.
+
+    ``rule`` is the id of the rule that exempts ("" for none). ``needs_sni``: a host rule matched the
+    Host header but the TLS binding (SNI) is not known yet. ``host_refused``: a host rule matched the
+    Host header but the connection's SNI is another name, so the Host cannot be believed.
+    """
+
+    rule: str = ""
+    needs_sni: bool = False
+    host_refused: bool = False
+
+
+NO_MATCH: Final = ExemptMatch()
 
 
 def compile_regex(pattern: str) -> re2._Regexp[bytes]:
@@ -258,6 +300,9 @@ class _Rule:
     id: str
     path_index: int  # -1 = no path condition
     hosts: DomainSet | None
+    method_bound: bool  # the rule names methods: a method-override header or _method arg defeats it
+    preflight: bool
+    matched: ExemptMatch  # returned as is when this rule exempts: built once, not per request
 
 
 @dataclass(frozen=True, slots=True)
@@ -282,6 +327,10 @@ class ExemptMatcher:
     other_methods: _MethodRules
     regexes: tuple[re2._Regexp[bytes], ...]
     path_set: re2.Set | None
+    has_host_rules: bool = False
+    # Methods named by some rule: only requests with one of them need the method-override and
+    # preflight facts (which cost a header scan).
+    method_bound: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, rules: Iterable[ExemptRuleSpec]) -> ExemptMatcher:
@@ -292,7 +341,10 @@ class ExemptMatcher:
             if rule.path is not None:
                 index = len(patterns)
                 patterns.append(rule.path)
-            compiled.append((_Rule(position, rule.id, index, rule.hosts), rule.methods))
+            methods = frozenset({"OPTIONS"}) if rule.preflight else rule.methods
+            bound = methods is not None
+            entry = _Rule(position, rule.id, index, rule.hosts, bound, rule.preflight, ExemptMatch(rule.id))
+            compiled.append((entry, methods))
         regexes = tuple(compile_regex(p) for p in patterns)
         path_set: re2.Set | None = None
         if patterns:
@@ -319,17 +371,33 @@ class ExemptMatcher:
             other_methods=group(None),
             regexes=regexes,
             path_set=path_set,
+            has_host_rules=any(r.hosts is not None for r, _ in compiled),
+            method_bound=frozenset(m for _, methods in compiled if methods is not None for m in methods),
         )
 
-    def match(self, method: str, path: bytes | None, host: str | None, host_known: bool) -> tuple[str, bool]:
-        """Return (rule id or "", needs_host).
+    def match(
+        self,
+        method: str,
+        path: bytes | None,
+        host: str | None,
+        *,
+        sni_binds: bool | None,
+        overridden: bool = False,
+        preflight: bool = False,
+    ) -> ExemptMatch:
+        """The first rule that exempts the request, in policy order.
 
-        ``path`` None means the path is ambiguous and no rule applies. With ``host_known`` False, a rule
-        that would need the host is skipped and reported through ``needs_host``; a later rule that needs
-        no host still exempts (the outcome cannot change, only which id is reported).
+        ``path`` None means the path is ambiguous and no rule applies. ``host`` is the Host header
+        (normalised, port removed). ``sni_binds`` says whether that Host can be believed: True over
+        plain HTTP (nothing to bind it to) or when it equals the TLS SNI, False when it differs, None
+        when not known yet; a host rule is then skipped and reported through ``needs_sni``, and a
+        later rule that needs no host still exempts (the outcome cannot change, only which id is
+        reported). ``overridden``: the request carries a method-override header or ``_method``
+        argument, so a rule that names methods does not apply (the upstream may act on another
+        method). ``preflight``: an OPTIONS request with Origin and Access-Control-Request-Method.
         """
         if path is None:
-            return "", False
+            return NO_MATCH
         group = self.by_method.get(method, self.other_methods)
         candidates = list(group.pathless)
         if group.by_path and self.path_set is not None:
@@ -340,18 +408,27 @@ class ExemptMatcher:
                 candidates.extend(by_path[i] for i in hits if i in by_path)
                 if len(candidates) > 1:
                     candidates.sort(key=_position)
-        needs_host = False
+        needs_sni = host_refused = False
         for rule in candidates:
+            if rule.method_bound and overridden:
+                continue
+            if rule.preflight and not preflight:
+                continue
             if rule.path_index >= 0 and self.regexes[rule.path_index].fullmatch(path) is None:
                 continue
             if rule.hosts is None:
-                return rule.id, False
-            if host_known:
-                if rule.hosts.matches(host):
-                    return rule.id, False
+                return rule.matched
+            if not rule.hosts.matches(host):
+                continue
+            if sni_binds is None:
+                needs_sni = True
+            elif sni_binds:
+                return rule.matched
             else:
-                needs_host = True
-        return "", needs_host
+                host_refused = True
+        if needs_sni or host_refused:
+            return ExemptMatch("", needs_sni, host_refused)
+        return NO_MATCH
 
 
 def _position(rule: _Rule) -> int:

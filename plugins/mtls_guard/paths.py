@@ -1,22 +1,32 @@
-"""Canonicalisation of the request path, done once per request before any exemption rule is consulted.
+"""Which path an exemption is judged on, given how the upstream will receive it.
 
-The runner hands us APISIX's normalised ``$uri`` (already percent-decoded, dot segments resolved, slashes
-merged) or, after a rewrite by an earlier plugin, a raw ``upstream_uri`` that may still carry encodings.
-We cannot tell which, and the upstream may interpret the path differently from nginx (servlet ``;``
-parameters, backslashes, double decoding, NFKC or "best-fit" folding of look-alike characters, ...).
-Exemptions are the only thing a path can buy, so every form that two parsers could read differently is
-declared AMBIGUOUS: such a path is never exempt and always goes through the certificate checks (fail
-closed). Only an unambiguous path is decoded and matched.
+APISIX hands the runner ``$uri`` (nginx's decoded path: ``%XX`` decoded, dot segments resolved,
+slashes merged), while with an empty ``$upstream_uri`` nginx proxies the client's *raw* request-target
+(``/admin/..%2Fpublic/x`` is judged as ``/public/x`` and delivered as is). mtls-guard closes that gap
+from the delivery side: every request it lets through carries a Rewrite ``path`` equal to the path it
+judged, so APISIX proxies ``uri_safe_encode(path)``, which an upstream decodes once back into exactly
+that path. Such a path is matched *literally*: it was decoded once already and is never decoded again.
+
+The one exception is a path an earlier plugin already rewrote (``$upstream_uri`` set, e.g. by
+proxy-rewrite before ext-plugin-post-req): it reaches the upstream as it is, still percent-encoded, and
+is matched after decoding it once. The two cases can only differ for a path holding a ``%`` (an encoded
+``$upstream_uri`` without one reads the same both ways), so only such a path costs the ``upstream_uri``
+variable (see ``decision.Engine``).
+
+Either way, every form that two parsers could read differently is AMBIGUOUS: such a path is never
+exempt and always goes through the certificate checks (fail closed). That covers servlet ``;``
+parameters, backslashes, controls, empty or dot segments, look-alike Unicode, a literal ``%`` in a
+decoded path (a double-decoding upstream would decode it again), and in an encoded path ``%2F``,
+``%5C`` and ``%25``.
 """
 
 from __future__ import annotations
 
 import re
 import unicodedata
-from dataclasses import dataclass
 from typing import Final
 
-__all__ = ["CanonicalPath", "canonical_value", "canonicalize"]
+__all__ = ["classify_path", "exempt_path"]
 
 # Characters that make a path ambiguous whether they arrive raw or percent-encoded:
 #   C0 controls and DEL (CRLF / NUL injection, PCRE's "$ before final newline", "." not matching "\n"),
@@ -53,19 +63,6 @@ _BAD_CATEGORIES: Final = frozenset({"Cc", "Cf", "Zl", "Zp", "Cs", "Co", "Cn"})
 _STRUCTURAL: Final = "/.\\;%?#"
 
 
-@dataclass(frozen=True, slots=True)
-class CanonicalPath:
-    """The path exemption rules are matched against.
-
-    ``value`` is the decoded path when ``ambiguous`` is False; for an ambiguous path it is the raw input
-    (or "" for None) and must not be matched. ``reason`` names why a path is ambiguous, for logs.
-    """
-
-    value: str
-    ambiguous: bool
-    reason: str = ""
-
-
 def _decode_run(match: re.Match[str]) -> str:
     # Decode a run of consecutive escapes at once so multi-byte UTF-8 sequences stay together; strict
     # UTF-8 so overlong forms and lone continuation bytes cannot smuggle "/" or "." past the checks.
@@ -79,16 +76,21 @@ def _unicode_ambiguous(value: str) -> bool:
     return folded != value and any(value.count(c) != folded.count(c) for c in _STRUCTURAL)
 
 
-def _classify(raw: str | None) -> tuple[str, str]:
-    """(decoded path, "") when unambiguous, else (raw input, reason)."""
+def classify_path(raw: str | None, *, encoded: bool) -> tuple[str, str]:
+    """(path to match, "") when unambiguous, else (raw input, reason for the logs and ``explain``).
+
+    ``encoded`` says how the upstream receives ``raw``: False for a path mtls-guard delivers itself
+    with a Rewrite (``$uri``, already decoded: matched literally), True for an ``$upstream_uri`` an
+    earlier plugin set (delivered as is: decoded once here, as the upstream will).
+    """
     if not raw:
         return "", "empty"
     if raw[0] != "/":
         return raw, "not-absolute"
-    # "?" and "#" cannot be part of a path the runner passes (the query is split off): seen raw, they
-    # mean a raw request line leaked through. Once decoded (%3F, %23) they are ordinary characters.
+    # "?" and "#" in a decoded path came from %3F/%23; in an encoded one the query was split off
+    # already. Either way an upstream or a log line could cut the path there: never exempt.
     if _structurally_ambiguous(raw) or "?" in raw or "#" in raw:
-        return raw, "raw-ambiguous"
+        return raw, "ambiguous-characters"
     if not raw.isascii():
         try:
             # Lone surrogates come from bytes that were not valid UTF-8 (surrogateescape decoding).
@@ -99,6 +101,9 @@ def _classify(raw: str | None) -> tuple[str, str]:
             return raw, "unicode-ambiguous"
     if "%" not in raw:
         return raw, ""
+    if not encoded:
+        # The client sent "%25": delivered re-encoded, a double-decoding upstream reads another path.
+        return raw, "literal-percent"
     if _BAD_ESCAPE.search(raw) is not None:
         return raw, "bad-escape"
     if _DANGEROUS_ESCAPE.search(raw) is not None:
@@ -107,20 +112,14 @@ def _classify(raw: str | None) -> tuple[str, str]:
         decoded = _ESCAPE.sub(_decode_run, raw)
     except UnicodeDecodeError:
         return raw, "invalid-utf8"
-    if _structurally_ambiguous(decoded):
+    if _structurally_ambiguous(decoded) or "?" in decoded or "#" in decoded:
         return raw, "decoded-ambiguous"
     if not decoded.isascii() and _unicode_ambiguous(decoded):
         return raw, "unicode-ambiguous"
     return decoded, ""
 
 
-def canonical_value(raw: str | None) -> str | None:
-    """The path to match, or None when it is ambiguous (the per-request fast path of ``canonicalize``)."""
-    value, reason = _classify(raw)
+def exempt_path(raw: str | None, *, encoded: bool) -> str | None:
+    """The path exemption rules are matched against, or None when it is ambiguous (never exempt)."""
+    value, reason = classify_path(raw, encoded=encoded)
     return None if reason else value
-
-
-def canonicalize(raw: str | None) -> CanonicalPath:
-    """Return the canonical form of ``raw`` and whether it is ambiguous (see the module docstring)."""
-    value, reason = _classify(raw)
-    return CanonicalPath(value, bool(reason), reason)

@@ -10,20 +10,31 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Final
 
 from runner.errors import PluginFailure
 from runner.metrics import CounterSnapshot
 from runner.plugin import BasePlugin, HTTPRequest, HTTPResponse
+from runner.protocol.codec import HTTPReqCall
 from runner.protocol.messages import Stop
 
 from .identity import CertificateCache
 from .library import PolicyLibrary
-from .policy import CompiledPolicy, Decision, NeedVars, RequestInput, compile_policy
-from .schema import PolicyError
+from .matchers import authority_host
+from .policy import (
+    METHOD_OVERRIDE_ARG,
+    METHOD_OVERRIDE_HEADERS,
+    CompiledPolicy,
+    Decision,
+    NeedVars,
+    RequestInput,
+    compile_policy,
+)
+from .schema import PolicyError, fold_name
 
-__all__ = ["DecisionCounter", "MtlsGuard", "decide_request"]
+__all__ = ["DecisionCounter", "Judgement", "MtlsGuard", "decide_request", "read_facts"]
 
 log = logging.getLogger("mtls_guard.decision")
 
@@ -37,22 +48,74 @@ class DecisionCounter(Counter[tuple[str, str, str]]):
         self[(decision.verdict, str(decision.reason), str(decision.mode))] += 1
 
 
+@dataclass(frozen=True, slots=True)
+class Judgement:
+    """One request as judged: the facts read from the call, the decision, and what delivery needs."""
+
+    facts: RequestInput
+    decision: Decision
+    spellings: tuple[str, ...]  # every spelling present of the identity/certificate headers (all deleted)
+    deliver_path: str | None  # the path the upstream must receive (a Rewrite), or None to leave it
+
+
+_FORM_TYPES: Final = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def _method_overridden(call: HTTPReqCall, method: str) -> bool:
+    """A method-override header (any spelling) or ``_method`` argument, or a form body that may carry
+    ``_method`` (Rails, Laravel and Symfony read it from POST forms): the upstream may act on
+    another method than the one judged, so no rule that names methods may apply."""
+    if call.header_spellings(METHOD_OVERRIDE_HEADERS):
+        return True
+    if any(name.lower() == METHOD_OVERRIDE_ARG for name, _ in call.args):
+        return True
+    content_type = (call.header("content-type") or "").lower()
+    return method == "POST" and content_type.startswith(_FORM_TYPES)
+
+
+def read_facts(policy: CompiledPolicy, request: HTTPRequest) -> tuple[RequestInput, tuple[str, ...]]:
+    """What the decision needs from the call itself, reading only what this policy uses."""
+    call = request.call
+    method = request.method
+    spellings = call.header_spellings(policy.strip_folded)
+    overridden = preflight = False
+    if method in policy.method_bound:
+        overridden = _method_overridden(call, method)
+        preflight = (
+            method == "OPTIONS"
+            and call.header("origin") is not None
+            and call.header("access-control-request-method") is not None
+        )
+    facts = RequestInput(
+        method=method,
+        path=request.path,
+        host=authority_host(call.header("host")) if policy.reads_host else None,
+        # Decoding all headers is the costliest part of reading a request: header mode only.
+        headers=call.headers if policy.header_mode else (),
+        overridden=overridden,
+        preflight=preflight,
+        aliased_source=any(
+            n.lower() not in policy.source_names and fold_name(n).encode() in policy.source_folded for n in spellings
+        ),
+    )
+    return facts, spellings
+
+
 async def decide_request(
     policy: CompiledPolicy, request: HTTPRequest, cache: CertificateCache, now: datetime | None = None
-) -> tuple[RequestInput, Decision]:
+) -> Judgement:
     """The policy's decision for one request, fetching variables only when the policy needs them."""
-    # Decoding all headers is the costliest part of reading a request; only a policy that strips
-    # identity headers or reads a forwarded certificate (header mode) needs them.
-    headers = request.call.headers if policy.strip_names else ()
-    facts = RequestInput(method=request.method, path=request.path, headers=headers)
+    facts, spellings = read_facts(policy, request)
     when = now or datetime.now(UTC)
+    values: dict[str, str | None] | None = None
     outcome = policy.decide(facts, None, now=when, cache=cache)
     if isinstance(outcome, NeedVars):
         values = await request.vars(*outcome.names)
         outcome = policy.decide(facts, values, now=when, cache=cache)
         if isinstance(outcome, NeedVars):  # the policy contract says this cannot happen: fail closed
             raise RuntimeError(f"policy asked for variables twice: {outcome.names}")
-    return facts, outcome
+    deliver = facts.path if policy.engine.delivers_as_judged(facts, values) else None
+    return Judgement(facts, outcome, spellings, deliver)
 
 
 class MtlsGuard(BasePlugin[CompiledPolicy]):
@@ -112,7 +175,8 @@ class MtlsGuard(BasePlugin[CompiledPolicy]):
         )
 
     async def on_request(self, conf: CompiledPolicy, request: HTTPRequest) -> Stop | None:
-        facts, decision = await decide_request(conf, request, self.cache)
+        judged = await decide_request(conf, request, self.cache)
+        decision = judged.decision
         request.state["mtls_guard.decision"] = decision
         self.decisions.record(decision)
         _log_decision(request, decision)
@@ -121,7 +185,11 @@ class MtlsGuard(BasePlugin[CompiledPolicy]):
         if not decision.allowed:
             status, headers, body = conf.reject_response(decision)
             return Stop(status, headers, body)
-        for name, value in conf.upstream_headers(decision, facts.headers):
+        if judged.deliver_path is not None:
+            # Without it nginx proxies the client's raw request-target, which is not the $uri judged
+            # (/admin/..%2Fpublic/x is judged as /public/x): SECURITY.md "The path judged is the path delivered".
+            request.set_path(judged.deliver_path, literal_question_mark=True)
+        for name, value in conf.upstream_headers(decision, judged.spellings):
             if value is None:
                 request.delete_header(name)
             else:

@@ -14,6 +14,8 @@ from datetime import datetime
 from types import MappingProxyType
 from typing import Final
 
+from runner.protocol.codec import fold_header_name
+
 from .decision import VAR_ORDER, Decision, Engine, IdentityChecks, NeedVars, Reason, RequestInput
 from .forwarded import build_xfcc
 from .identity import CertificateCache, ClientCertificate
@@ -42,11 +44,24 @@ __all__ = [
 ]
 
 REASON_HEADER: Final = "x-mtls-guard-reason"
-_APISIX_VARS: Final = frozenset({"ssl_client_verify", "ssl_client_escaped_cert", "scheme"})
-_SNI_VARS: Final = frozenset({"ssl_server_name", "host"})
+# TLS or not follows from ssl_client_verify (decision.is_tls) and the Host comes with the call itself
+# (decision.RequestInput.host), so neither "scheme" nor "host" is ever asked: at most three variables.
+_APISIX_VARS: Final = frozenset({"ssl_client_verify", "ssl_client_escaped_cert"})
+_SNI_VARS: Final = frozenset({"ssl_server_name"})
 # Header mode checks neither scheme nor Host/SNI (TLS ended at the front proxy): only the peer matters.
 _HEADER_VARS: Final = frozenset({"realip_remote_addr"})
+# What a host exemption needs to bind the Host header to the connection (decision.sni_binds_host).
+_HOST_RULE_VARS: Final = frozenset({"ssl_client_verify", "ssl_server_name"})
+_PATH_ORIGIN_VARS: Final = frozenset({"upstream_uri"})
+# Method-override headers honoured by common frameworks (Express method-override, Rails, Laravel,
+# Symfony, Spring's HiddenHttpMethodFilter reads _method): folded names (schema.fold_name).
+METHOD_OVERRIDE_HEADERS: Final = frozenset({b"x-http-method-override", b"x-http-method", b"x-method-override"})
+METHOD_OVERRIDE_ARG: Final = "_method"
 Response = tuple[int, tuple[tuple[str, str], ...], bytes]
+
+
+def _folded(names: frozenset[str]) -> frozenset[bytes]:
+    return frozenset(fold_header_name(n.encode("ascii")) for n in names)
 
 
 def _ordered(names: frozenset[str]) -> NeedVars:
@@ -97,11 +112,28 @@ class CompiledPolicy:
     responses: Mapping[Reason, Response]
     forward_names: frozenset[str]
     source_names: frozenset[str] = frozenset()  # header mode: the forwarded-certificate headers
-    # Deleted from every request that has them: derived once here, not per request in upstream_headers.
-    strip_names: frozenset[str] = field(init=False)
+    # Deleted, under every spelling an upstream could fold into them, from every request that has
+    # them: folded once here (codec.fold_header_name), looked up per request by HTTPReqCall.header_spellings.
+    strip_folded: frozenset[bytes] = field(init=False)
+    source_folded: frozenset[bytes] = field(init=False)
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "strip_names", self.forward_names | self.source_names)
+        object.__setattr__(self, "strip_folded", _folded(self.forward_names | self.source_names))
+        object.__setattr__(self, "source_folded", _folded(self.source_names))
+
+    @property
+    def header_mode(self) -> bool:
+        return self.engine.header_source is not None
+
+    @property
+    def reads_host(self) -> bool:
+        """Whether decisions read the Host header (host rules, or the SNI check of protected requests)."""
+        return self.engine.exempt.has_host_rules or (self.engine.require_sni_match and not self.header_mode)
+
+    @property
+    def method_bound(self) -> frozenset[str]:
+        """Methods some exemption names: only such requests need the method-override and preflight facts."""
+        return self.engine.exempt.method_bound
 
     def decide(
         self,
@@ -120,24 +152,20 @@ class CompiledPolicy:
             raise ValueError("reject_response() called for a request that is allowed")
         return self.responses[decision.reason]
 
-    def upstream_headers(
-        self, decision: Decision, request_headers: Sequence[tuple[str, str | None]]
-    ) -> tuple[tuple[str, str | None], ...]:
+    def upstream_headers(self, decision: Decision, present: Sequence[str]) -> tuple[tuple[str, str | None], ...]:
         """Header changes for the upstream: deletions (value None) first, then identity headers.
 
-        Every inbound copy of a configured identity header is deleted on every request, exempt and
-        report-mode ones included, so a client can never reach the upstream with a forged identity.
-        In header mode the forwarded-certificate headers (``source.header``, ``source.chain_header``)
-        are deleted on every request too, verified ones included: the upstream cannot tell a proxy's
-        header from a client's, so it must never see one it might trust. Identity headers are set
-        only for an "allow" verdict with a certificate: in report mode a certificate that failed the
-        checks is let through but never vouched for.
+        ``present`` lists every spelling of the identity and certificate headers the request carries
+        (``HTTPReqCall.header_spellings(strip_folded)``): each is deleted on every request, exempt and
+        report-mode ones included, because APISIX deletes names exactly and an upstream that folds
+        ``_`` into ``-`` would read ``x_client_subject`` as ``x-client-subject``. In header mode the
+        forwarded-certificate headers (``source.header``, ``source.chain_header``) are deleted on every
+        request too, verified ones included: the upstream cannot tell a proxy's header from a client's,
+        so it must never see one it might trust. Identity headers are set only for an "allow" verdict
+        with a certificate: in report mode a certificate that failed the checks is let through but
+        never vouched for.
         """
-        strip = self.strip_names
-        if not strip:
-            return ()
-        inbound = {name.lower() for name, _ in request_headers} & strip
-        changes: list[tuple[str, str | None]] = [(name, None) for name in sorted(inbound)]
+        changes: list[tuple[str, str | None]] = [(name, None) for name in present]
         cert = decision.identity
         if decision.verdict == "allow" and decision.allowed and cert is not None:
             fwd = self.config.forward
@@ -165,10 +193,12 @@ def _describe_rule(index: int, rule: ExemptRule) -> str:
     conditions = []
     if rule.path is not None:
         conditions.append(f"path full-matches {rule.path!r}")
-    if rule.methods is not None:
+    if rule.preflight:
+        conditions.append("a CORS preflight (OPTIONS with Origin and Access-Control-Request-Method)")
+    elif rule.methods is not None:
         conditions.append("method is " + "|".join(sorted(rule.methods)))
     if rule.hosts is not None:
-        conditions.append("host is " + "|".join(rule.hosts) + " (costs one variable fetch)")
+        conditions.append("Host is " + "|".join(rule.hosts) + " (over HTTPS only if the TLS SNI names it too)")
     return f"  {index + 1}. [{rule.id}] " + " AND ".join(conditions)
 
 
@@ -183,7 +213,9 @@ def describe_policy(config: PolicyConfig) -> str:
     lines.extend(_describe_rule(i, r) for i, r in enumerate(config.exempt))
     if not config.exempt:
         lines.append("  (no rules: every request needs a certificate)")
-    lines.append("  paths with .., //, %2F, %5C, %25, ;, backslash or control characters are never exempt")
+    lines.append("  paths with .., //, ;, backslash, control characters or a literal % (sent as %25) are never exempt")
+    lines.append("  rules naming methods never apply when a method-override header or _method argument is sent")
+    lines.append("  the upstream receives the path that was judged (Rewrite path; the query is kept as sent)")
     lines.append("every other request needs:")
     source = config.source
     if isinstance(source, HeaderSource):
@@ -255,7 +287,7 @@ def build(config: PolicyConfig) -> CompiledPolicy:
     source = config.source if isinstance(config.source, HeaderSource) else None
     try:
         exempt = ExemptMatcher.of(
-            ExemptRuleSpec(r.id, r.path, r.methods, DomainSet.of(r.hosts) if r.hosts is not None else None)
+            ExemptRuleSpec(r.id, r.path, r.methods, DomainSet.of(r.hosts) if r.hosts is not None else None, r.preflight)
             for r in config.exempt
         )
     except ValueError as exc:
@@ -281,7 +313,10 @@ def build(config: PolicyConfig) -> CompiledPolicy:
         require_sni_match=config.require_sni_match,
         reject_status=config.reject.status,
         need_protected=_ordered(protected),
-        need_host_and_protected=_ordered(protected | {"host"}),
+        need_sni_check=_ordered(protected | _HOST_RULE_VARS),
+        need_path_origin=_ordered(
+            protected | _PATH_ORIGIN_VARS | (_HOST_RULE_VARS if exempt.has_host_rules else frozenset())
+        ),
         exempt_decisions=MappingProxyType(
             {r.id: Decision(True, "allow", Reason.EXEMPT, r.id, config.mode, 0) for r in config.exempt}
         ),

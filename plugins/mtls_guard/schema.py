@@ -46,6 +46,7 @@ __all__ = [
     "Reject",
     "Requirements",
     "SanRequirement",
+    "fold_name",
     "join_path",
     "parse_policy",
 ]
@@ -95,6 +96,7 @@ class ExemptRule:
     path: str | None
     methods: frozenset[str] | None
     hosts: tuple[str, ...] | None  # normalised: lower-case names or "*.domain"
+    preflight: bool = False  # a CORS preflight: OPTIONS with Origin and Access-Control-Request-Method
 
 
 @dataclass(frozen=True, slots=True)
@@ -246,11 +248,16 @@ def _parsed(parse: Callable[[str], _T], max_len: int = 512) -> Callable[[object,
     return read
 
 
+def fold_name(name: str) -> str:
+    """A header name as CGI-style upstreams read it (see runner.protocol.codec.fold_header_name)."""
+    return name.lower().replace("_", "-")
+
+
 def _header_name(value: object, path: str) -> str:
     name = _str(value, path, max_len=128).lower()
     if not _TOKEN.match(name):
         raise PolicyError(path, "not a valid HTTP header name")
-    if name in _RESERVED_HEADERS:
+    if fold_name(name) in _RESERVED_HEADERS:
         raise PolicyError(path, f"{name!r} is reserved and cannot be used")
     return name
 
@@ -283,7 +290,7 @@ def _regex(value: object, path: str) -> str:
 
 
 def _exempt(value: object, path: str) -> tuple[ExemptRule, ...]:
-    keys = frozenset({"id", "path", "methods", "hosts"})
+    keys = frozenset({"id", "path", "methods", "hosts", "preflight"})
     items = _list(value, path, lambda v, p: v, unique=False)
     if len(items) > MAX_RULES:
         raise PolicyError(path, f"more than {MAX_RULES} rules")
@@ -291,8 +298,9 @@ def _exempt(value: object, path: str) -> tuple[ExemptRule, ...]:
     for index, item in enumerate(items):
         at = join_path(path, index)
         m = read_object(item, at, keys)
-        if not keys.difference({"id"}).intersection(m):
-            raise PolicyError(at, "needs at least one of path, methods, hosts")
+        preflight = _opt(m, at, "preflight", _bool, False)
+        if not (preflight or keys.difference({"id", "preflight"}).intersection(m)):
+            raise PolicyError(at, "needs at least one of path, methods, hosts, or preflight: true")
         rule_id = f"exempt[{index}]"
         if "id" in m:
             rule_id = _str(m["id"], join_path(at, "id"), max_len=64)
@@ -301,8 +309,10 @@ def _exempt(value: object, path: str) -> tuple[ExemptRule, ...]:
         if any(r.id == rule_id for r in rules):
             raise PolicyError(join_path(at, "id"), f"duplicate rule id {rule_id!r}")
         methods = _opt(m, at, "methods", lambda v, p: frozenset(_list(v, p, _method)), None)
+        if preflight and methods is not None and methods != {"OPTIONS"}:
+            raise PolicyError(join_path(at, "methods"), 'a preflight rule applies to OPTIONS only: omit "methods"')
         hosts = _opt(m, at, "hosts", lambda v, p: _list(v, p, _parsed(parse_host_pattern)), None)
-        rules.append(ExemptRule(rule_id, _opt(m, at, "path", _regex, None), methods, hosts))
+        rules.append(ExemptRule(rule_id, _opt(m, at, "path", _regex, None), methods, hosts, preflight))
     return tuple(rules)
 
 
@@ -392,7 +402,7 @@ def _source(value: object, path: str) -> ApisixSource | HeaderSource:
             raise PolicyError(join_path(path, "chain_header"), "xfcc carries the chain in the header itself")
         chain_header = _header_name(m["chain_header"], join_path(path, "chain_header"))
     header = _opt(m, path, "header", _header_name, _DEFAULT_HEADERS[fmt])
-    if header == chain_header:
+    if chain_header is not None and fold_name(header) == fold_name(chain_header):
         raise PolicyError(join_path(path, "chain_header"), "must differ from header")
     return HeaderSource(
         format=fmt,
@@ -408,9 +418,11 @@ def _forward(value: object, path: str) -> Forward:
     names = {key: _header_name(v, join_path(path, key)) for key, v in m.items()}
     seen: dict[str, str] = {}
     for key, name in names.items():
-        if name in seen:
-            raise PolicyError(join_path(path, key), f"same header as {seen[name]}")
-        seen[name] = key
+        # Upstreams that fold "_" into "-" would read two such names as one header.
+        folded = fold_name(name)
+        if folded in seen:
+            raise PolicyError(join_path(path, key), f"same header as {seen[folded]}")
+        seen[folded] = key
     return Forward(names.get("subject"), names.get("san"), names.get("fingerprint"), names.get("xfcc"))
 
 

@@ -326,3 +326,37 @@ def find_entry(buf: bytes, field: int, wanted: bytes) -> str | None:
             start, end = _span(buf, value_field)
             return buf[start:end].decode("utf-8", "surrogateescape")
     return None
+
+
+def fold_header_name(name: bytes) -> bytes:
+    """A header name as CGI-style upstreams read it: ASCII lower-case, ``_`` and ``-`` the same.
+
+    WSGI, PHP, Rack and CGI turn ``X-Client-Subject`` and ``x_client_subject`` into the same
+    ``HTTP_X_CLIENT_SUBJECT``; nginx (with APISIX's ``underscores_in_headers on``) passes both.
+    """
+    return name.lower().replace(b"_", b"-")
+
+
+def names_folding_to(buf: bytes, field: int, folded: frozenset[bytes]) -> tuple[str, ...]:
+    """Names, as sent, of the TextEntries whose :func:`fold_header_name` is in ``folded``.
+
+    Reads names only (values are never decoded); a name that occurs several times is listed once.
+    """
+    first, count = _vector(buf, field, 4)
+    shapes: _Shapes = {}
+    found: list[str] = []
+    budget = len(buf)  # entries sharing one huge name must not cost more than the frame (text_entries)
+    slot = first
+    for rel in _unpack_u32s(buf, first, count):
+        name_field, _ = _entry(buf, slot + rel, shapes)
+        slot += 4
+        start, end = _span(buf, name_field)
+        budget -= end - start
+        if budget < 0:
+            raise DecodeError("entries share strings: decoded text larger than the frame")
+        raw = buf[start:end]
+        if fold_header_name(raw) in folded:
+            name = raw.decode("utf-8", "surrogateescape")
+            if name not in found:
+                found.append(name)
+    return tuple(found)

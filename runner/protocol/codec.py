@@ -31,6 +31,7 @@ from ._flat import (
     build_frame,
     check_uint,
     entries_or_empty,
+    fold_header_name,
     valued,
 )
 
@@ -85,6 +86,7 @@ __all__ = [
     "error_frame",
     "extra_info_query_frame",
     "extra_info_result_frame",
+    "fold_header_name",
     "http_req_call_action_frame",
     "http_req_call_frame",
     "http_req_call_reply_frame",
@@ -299,6 +301,23 @@ class _CallView:
         except UnicodeEncodeError:
             return None  # decoded names never hold such surrogates, so nothing can match
         return _flat.find_entry(self._buf, self._pos + f, wanted) if f else None
+
+    def header_spellings(self, folded: frozenset[bytes]) -> tuple[str, ...]:
+        """Every spelling present of the headers in ``folded`` (names already passed through
+        :func:`fold_header_name`): ``x_client_subject`` and ``X-CLIENT_subject`` are both found for
+        ``x-client-subject``, since upstreams that fold names cannot tell them apart.
+
+        A header name is at least as long as its folded form and appears in the frame as is, so
+        when no folded name occurs in the folded frame no entry is read at all: the common case
+        costs one pass over the bytes.
+        """
+        f = self._fields[self._HEADERS_SLOT]
+        if not f or not folded:
+            return ()
+        haystack = fold_header_name(self._buf)
+        if not any(name in haystack for name in folded):
+            return ()
+        return _flat.names_folding_to(self._buf, self._pos + f, folded)
 
 
 class HTTPReqCall(_CallView):

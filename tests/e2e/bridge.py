@@ -1,13 +1,24 @@
 """The APISIX stand-in behind nginx: a small HTTP/1.1 server that runs ext-plugin-pre-req through FakeApisix.
 
-nginx proxies every request here after its Lua code has put the nginx variables in
-``X-E2E-Var-<name>: =<urlencoded value>`` headers (header absent = variable not found; the ``=``
-keeps an empty value distinguishable). The bridge strips those headers, picks the route by the
-longest path prefix (APISIX routes by URI), and asks the runner exactly as APISIX's ext-plugin
-would: ``FakeApisix.request`` with the route's conf, the lower-cased client headers (``host``
-included), ``$uri`` as path, ``$remote_addr`` as src_ip and the nginx variables as ExtraInfo answers.
+nginx proxies every request here, with the client's raw request-target and header lines as sent
+(``underscores_in_headers on``, original spelling and case), after its Lua code has put the nginx
+variables in ``X-E2E-Var-<name>: =<urlencoded value>`` headers (header absent = variable not found; the
+``=`` keeps an empty value distinguishable). The bridge strips those headers, picks the route by the
+longest ``$uri`` prefix (APISIX routes by URI), and asks the runner exactly as APISIX's ext-plugin does
+(apisix/plugins/ext-plugin/init.lua): ``FakeApisix.request`` with the route's conf, ``$uri`` as path,
+the query as ``ngx.req.get_uri_args()`` would give it, the headers as ``ngx.req.get_headers()`` gives
+them (names lower-cased, underscores kept, repeats kept, ``host`` = the Host header as sent),
+``$remote_addr`` as src_ip, and as ExtraInfo answers the nginx variables plus the APISIX ones nginx does
+not know: ``upstream_uri`` (""), ``real_request_uri`` (the raw target) and ``request_uri`` (which
+APISIX overwrites with ``$uri`` + ``$is_args`` + ``$args``).
+
 The runner's answer is applied like APISIX applies it: Stop -> that response; an error -> 503;
-pass/Rewrite -> a fake upstream answers 200 with a JSON echo of the request it would receive.
+pass/Rewrite -> a fake upstream answers 200 with a JSON echo of the request it receives, computed
+like nginx+APISIX deliver it: the raw request-target, or ``uri_safe_encode(path)`` + the raw query
+after a Rewrite with a path (``apisix_uri``); the client's headers in their original spelling minus
+the Rewrite's deletions (case-insensitive, otherwise exact: deleting ``x-client-subject`` leaves
+``x_client_subject``) plus its sets. The echo also says how real upstream stacks would read that
+request (``upstreams.interpret``).
 
 Every response carries ``x-e2e-outcome`` (stop/rewrite/pass/error), ``x-e2e-route`` and ``x-e2e-tries``
 so that tests can tell a runner decision from a harness failure.
@@ -22,12 +33,15 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from urllib.parse import unquote_to_bytes
+from typing import Any
+from urllib.parse import quote, unquote_to_bytes
 
 from runner.protocol.messages import ConfEntry, Pairs, Rewrite
 from runner.testing import ApisixOutcome, FakeApisix, conf
+from tests.e2e.apisix_uri import split_target, upstream_target, uri_args
+from tests.e2e.upstreams import interpret
 
-__all__ = ["VAR_HEADER_PREFIX", "Bridge", "BridgeRecord", "Route", "apply_rewrite"]
+__all__ = ["VAR_HEADER_PREFIX", "Bridge", "BridgeRecord", "Route", "apply_args", "apply_rewrite", "delivered_target"]
 
 VAR_HEADER_PREFIX = "x-e2e-var-"
 _HEADER_PREFIX = "x-e2e-"
@@ -76,25 +90,61 @@ class BridgeRecord:
 
     route: str
     method: str
-    path: str
+    path: str  # what the runner judged: $uri
     outcome: str
     status: int
     tries: int
     error: str = ""
-    vars: Mapping[str, str | None] = field(default_factory=dict)
+    vars: Mapping[str, str | None] = field(default_factory=dict)  # the ExtraInfo answers on offer
     at: float = field(default_factory=time.monotonic)  # when the bridge answered
+    target: str = ""  # the raw request-target nginx received
+    upstream_target: str | None = None  # what the upstream received (None: it was not contacted)
 
 
-def apply_rewrite(headers: Pairs, rewrite: Rewrite | None) -> list[tuple[str, str]]:
-    """The request headers the upstream receives after APISIX applied ``rewrite`` (set replaces, None deletes)."""
-    out = [(n, v or "") for n, v in headers]
+def apply_rewrite(headers: Sequence[tuple[str, str]], rewrite: Rewrite | None) -> list[tuple[str, str]]:
+    """The request headers the upstream receives after APISIX applied ``rewrite``.
+
+    ``headers`` keep the spelling the client sent. Each Rewrite entry is ``core.request.set_header``:
+    names compare case-insensitively but otherwise exactly (``x-client-subject`` is not
+    ``x_client_subject``); a value replaces every same-name header, None deletes them all.
+    """
+    out = list(headers)
     for name, value in rewrite.headers if rewrite is not None else ():
         lower = name.lower()
-        index = next((i for i, (n, _) in enumerate(out) if n == lower), None)
-        out = [(n, v) for n, v in out if n != lower]
+        index = next((i for i, (n, _) in enumerate(out) if n.lower() == lower), None)
+        out = [(n, v) for n, v in out if n.lower() != lower]
         if value is not None:
-            out.insert(len(out) if index is None else index, (lower, value))
+            out.insert(len(out) if index is None else min(index, len(out)), (name, value))
     return out
+
+
+def apply_args(query: str, rewrite: Rewrite | None) -> str:
+    """``$args`` after a Rewrite's ``args`` (ext-plugin init.lua: the get_uri_args table changed, then
+    ``core.request.set_uri_args`` re-encodes it like ``ngx.encode_args``); untouched without args."""
+    if rewrite is None or not rewrite.args:
+        return query
+    table: dict[str, list[str | None]] = {}
+    for name, value in uri_args(query):
+        table.setdefault(name, []).append(value)
+    changed: set[str] = set()
+    for name, value in rewrite.args:
+        if value is None:
+            table.pop(name, None)
+        else:
+            table[name] = [*table[name], value] if name in changed and name in table else [value]
+            changed.add(name)
+    return "&".join(
+        quote(n, safe="") if v is None else f"{quote(n, safe='')}={quote(v, safe='')}"
+        for n, values in table.items()
+        for v in values
+    )
+
+
+def delivered_target(raw_target: str, uri: str, rewrite: Rewrite | None) -> str:
+    """The request-target the upstream receives after APISIX applied ``rewrite`` (see ``apisix_uri``)."""
+    _, query = split_target(raw_target)
+    args = apply_args(query, rewrite)
+    return upstream_target(raw_target, rewrite.path if rewrite is not None else None, uri=uri, args=args)
 
 
 class _BadRequest(Exception):
@@ -104,14 +154,14 @@ class _BadRequest(Exception):
 @dataclass
 class _Request:
     method: str
-    target: str
+    target: str  # raw, as nginx sent it (UTF-8 with surrogateescape: the bytes survive)
     version: str
-    headers: list[tuple[str, str]]
+    headers: list[tuple[str, str]]  # original spelling and case, in order
     body: bytes
 
     @property
     def keep_alive(self) -> bool:
-        tokens = {t.strip().lower() for n, v in self.headers if n == "connection" for t in v.split(",")}
+        tokens = {t.strip().lower() for n, v in self.headers if n.lower() == "connection" for t in v.split(",")}
         if self.version == "HTTP/1.0":
             return "keep-alive" in tokens
         return "close" not in tokens
@@ -126,7 +176,7 @@ async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
         return None
     except asyncio.LimitOverrunError:
         raise _BadRequest("request head too large") from None
-    lines = head.decode("latin-1").split("\r\n")
+    lines = head.decode("utf-8", "surrogateescape").split("\r\n")
     parts = lines[0].split(" ")
     if len(parts) != 3 or not parts[2].startswith("HTTP/1."):
         raise _BadRequest(f"bad request line {lines[0]!r}")
@@ -137,10 +187,10 @@ async def _read_request(reader: asyncio.StreamReader) -> _Request | None:
         name, sep, value = line.partition(":")
         if not sep or not name or name != name.strip():
             raise _BadRequest(f"bad header line {line!r}")
-        headers.append((name.lower(), value.strip(" \t")))
-    if any(n == "transfer-encoding" for n, _ in headers):
+        headers.append((name, value.strip(" \t")))
+    if any(n.lower() == "transfer-encoding" for n, _ in headers):
         raise _BadRequest("chunked request bodies are not supported (nginx buffers bodies)")
-    lengths = {v for n, v in headers if n == "content-length"}
+    lengths = {v for n, v in headers if n.lower() == "content-length"}
     if len(lengths) > 1 or any(not v.isdigit() for v in lengths):
         raise _BadRequest("bad content-length")
     length = int(next(iter(lengths), "0"))
@@ -276,41 +326,58 @@ class Bridge:
     async def _handle(self, request: _Request) -> tuple[int, list[tuple[str, str]], bytes]:
         assert self._apisix is not None
         nginx_vars: dict[str, str | None] = {}
-        client_headers: list[tuple[str, str | None]] = []
+        sent: list[tuple[str, str]] = []  # the client's headers as nginx proxied them (spelling kept)
         for name, value in request.headers:
-            if name.startswith(VAR_HEADER_PREFIX):
-                nginx_vars[name[len(VAR_HEADER_PREFIX) :]] = _decode_var(value)
-            elif not name.startswith(_HEADER_PREFIX) and name not in _PROXY_HEADERS:
-                client_headers.append((name, value))
+            lower = name.lower()
+            if lower.startswith(VAR_HEADER_PREFIX):
+                nginx_vars[lower[len(VAR_HEADER_PREFIX) :]] = _decode_var(value)
+            elif not lower.startswith(_HEADER_PREFIX) and lower not in _PROXY_HEADERS:
+                sent.append((name, value))
         path = nginx_vars.get("uri")
         if path is None:
             return 500, [("x-e2e-outcome", "harness-error")], b"nginx did not send $uri\n"
+        if nginx_vars.get("request_uri") != request.target:
+            # proxy_pass without a URI must forward the request-target exactly as the client sent it.
+            detail = f"nginx forwarded {request.target!r} for $request_uri {nginx_vars.get('request_uri')!r}\n"
+            return 500, [("x-e2e-outcome", "harness-error")], detail.encode("utf-8", "surrogateescape")
+        _, query = split_target(request.target)
+        apisix_vars = {
+            **nginx_vars,
+            # APISIX variables (apisix/init.lua http_access_phase; ngx_tpl.lua sets $upstream_uri '').
+            "upstream_uri": "",
+            "real_request_uri": request.target,
+            "request_uri": path + (f"?{query}" if query else ""),
+        }
         route = self.route_for(path)
         common = [("x-e2e-route", route.id)]
+        # ngx.req.get_headers(): lower-cased names (underscores kept), repeats kept; "host" is
+        # $upstream_host, which is $http_host at this point: the Host header as sent.
+        runner_headers: Pairs = tuple((name.lower(), value) for name, value in sent)
         try:
             outcome = await self._apisix.request(
                 route.entries,
                 key=route.key,
                 method=request.method,
                 path=path,
-                headers=tuple(client_headers),
+                headers=runner_headers,
+                args=uri_args(query),
                 src_ip=nginx_vars.get("remote_addr"),
-                vars=nginx_vars,
+                vars=apisix_vars,
             )
         except Exception as exc:
             # APISIX: "failed to connect to the unix socket" / read errors -> 503 (allow_degradation false).
-            self._record(route, request.method, path, "error", 503, 0, f"{type(exc).__name__}: {exc}", nginx_vars)
+            self._record(route, request, path, "error", 503, 0, f"{type(exc).__name__}: {exc}", apisix_vars)
             headers = [*common, ("x-e2e-outcome", "error"), ("x-e2e-error", type(exc).__name__)]
             return 503, headers, b"503 Service Temporarily Unavailable\n"
-        return self._apply(route, request, path, tuple(client_headers), nginx_vars, outcome, common)
+        return self._apply(route, request, path, sent, apisix_vars, outcome, common)
 
     def _apply(
         self,
         route: Route,
         request: _Request,
         path: str,
-        client_headers: Pairs,
-        nginx_vars: Mapping[str, str | None],
+        sent: Sequence[tuple[str, str]],
+        apisix_vars: Mapping[str, str | None],
         outcome: ApisixOutcome,
         common: list[tuple[str, str]],
     ) -> tuple[int, list[tuple[str, str]], bytes]:
@@ -318,39 +385,60 @@ class Bridge:
         if outcome.kind == "stop":
             assert outcome.stop is not None
             status = outcome.stop.status or 200
-            self._record(route, request.method, path, "stop", status, outcome.tries, "", nginx_vars)
+            self._record(route, request, path, "stop", status, outcome.tries, "", apisix_vars)
             headers = [(n.lower(), v) for n, v in outcome.stop.headers]
             return status, [*headers, *common], outcome.stop.body
         if outcome.kind == "error":
             code = outcome.error.name if outcome.error is not None else "?"
-            self._record(route, request.method, path, "error", 503, outcome.tries, code, nginx_vars)
+            self._record(route, request, path, "error", 503, outcome.tries, code, apisix_vars)
             return 503, [*common, ("x-e2e-error", code)], b"503 Service Temporarily Unavailable\n"
         rewrite = outcome.rewrite
-        upstream = {
+        target = delivered_target(request.target, path, rewrite)
+        headers = apply_rewrite(sent, rewrite)
+        upstream: dict[str, Any] = {
             "route": route.id,
             "method": request.method,
-            "path": rewrite.path if rewrite is not None and rewrite.path is not None else path,
-            "headers": apply_rewrite(client_headers, rewrite),
+            "path": target,  # the request-target the upstream receives (path and query)
+            "headers": headers,  # as the upstream receives them: original spelling, repeats kept
             "body_length": len(request.body),
+            "judged_path": path,  # HTTPReqCall.path: what the plugin decided on
+            "rewrite": {
+                "path": rewrite.path if rewrite is not None else None,
+                "headers": list(rewrite.headers) if rewrite is not None else [],
+            },
+            **interpret(request.method, target, headers),
         }
         resp_headers = [
             (n.lower(), v)
             for n, v in (rewrite.resp_headers if rewrite is not None else ())
             if n.lower() not in _EXCLUDED_RESP_HEADERS
         ]
-        self._record(route, request.method, path, outcome.kind, 200, outcome.tries, "", nginx_vars)
+        self._record(route, request, path, outcome.kind, 200, outcome.tries, "", apisix_vars, target)
         body = json.dumps(upstream).encode()
         return 200, [("content-type", "application/json"), *resp_headers, *common], body
 
     def _record(
         self,
         route: Route,
-        method: str,
+        request: _Request,
         path: str,
         outcome: str,
         status: int,
         tries: int,
         error: str,
-        nginx_vars: Mapping[str, str | None],
+        apisix_vars: Mapping[str, str | None],
+        upstream: str | None = None,
     ) -> None:
-        self.records.append(BridgeRecord(route.id, method, path, outcome, status, tries, error, dict(nginx_vars)))
+        record = BridgeRecord(
+            route.id,
+            request.method,
+            path,
+            outcome,
+            status,
+            tries,
+            error,
+            dict(apisix_vars),
+            target=request.target,
+            upstream_target=upstream,
+        )
+        self.records.append(record)

@@ -1,8 +1,14 @@
-"""Real HTTP(S) clients for the end-to-end tests: httpx (with a client certificate through an SSLContext) and curl.
+"""Real HTTP(S) clients for the end-to-end tests: httpx (with a client certificate through an SSLContext), curl,
+and a raw socket client.
 
 Names never resolve through DNS: httpx connects to 127.0.0.1 and sends the SNI via httpcore's
 ``sni_hostname`` extension (so SNI and Host can differ), curl uses ``--resolve``. A client can bind
 its source address (``source="127.0.0.2"``) to play an untrusted peer on the loopback network.
+
+httpx (and curl without ``--path-as-is``) normalise the request-target before sending it: dot
+segments are resolved, and httpx re-encodes some characters. ``Clients.raw`` writes the request line
+and the header lines byte for byte over a plain or TLS socket (Python's ``ssl``, loopback only), which
+is what the hostile corpus needs.
 """
 
 from __future__ import annotations
@@ -56,8 +62,9 @@ class Reply:
         return data
 
     def upstream_headers(self, name: str) -> list[str]:
-        """Every value of request header ``name`` as the upstream received it."""
-        return [v for n, v in self.upstream()["headers"] if n == name]
+        """Every value of request header ``name`` as the upstream received it (names compare
+        case-insensitively, like HTTP; a different spelling such as ``x_client_subject`` is another name)."""
+        return [v for n, v in self.upstream()["headers"] if n.lower() == name.lower()]
 
     def describe(self) -> str:
         head = {k: v for k, v in self.headers.items() if k.startswith(("x-e2e", REASON_HEADER))}
@@ -155,6 +162,37 @@ class Clients:
         reply = Reply(int(lines[0].split(" ")[1]), dict(pairs), body, "ssl", pairs)
         return reply, next_session, reused
 
+    def raw(
+        self,
+        target: str,
+        *,
+        cert: str | None = None,
+        method: str = "GET",
+        listener: str = "https",
+        host: str | None = None,
+        sni: str | None = None,
+        headers: Iterable[tuple[str, str]] = (),
+        source: str = LOOPBACK,
+        body: bytes = b"",
+    ) -> Reply:
+        """One request whose request line and header lines go out exactly as given (``target`` is written
+        as UTF-8, lone surrogates as the bytes they stand for), over TLS (``https``/``front``) or plain HTTP."""
+        default_host = FRONT_HOST if listener == "front" else API_HOST
+        lines = [f"{method} {target} HTTP/1.1", f"Host: {host or default_host}"]
+        lines += [f"{name}: {value}" for name, value in headers]
+        if body:
+            lines.append(f"Content-Length: {len(body)}")
+        lines.append("Connection: close")
+        request = ("\r\n".join(lines) + "\r\n\r\n").encode("utf-8", "surrogateescape") + body
+        port = getattr(self.front.ports, listener)
+        with socket.create_connection((LOOPBACK, port), timeout=15, source_address=(source, 0)) as sock:
+            if listener == "http":
+                data = _exchange(sock, request)
+            else:
+                with self.context(cert).wrap_socket(sock, server_hostname=sni or default_host) as tls:
+                    data = _exchange(tls, request)
+        return _parse_response(data, "raw")
+
     def curl(
         self,
         path: str,
@@ -193,3 +231,39 @@ class Clients:
                 if sep:
                     pairs.append((header_name.strip().lower(), value.strip()))
             return Reply(int(done.stdout), dict(pairs), body.read_bytes(), "curl", tuple(pairs))
+
+
+def _exchange(sock: socket.socket, request: bytes) -> bytes:
+    sock.sendall(request)
+    data = b""
+    while chunk := sock.recv(65536):
+        data += chunk
+    return data
+
+
+def _dechunk(body: bytes) -> bytes:
+    out = b""
+    while body:
+        size_line, _, rest = body.partition(b"\r\n")
+        size = int(size_line.split(b";")[0], 16)
+        if size == 0:
+            break
+        out += rest[:size]
+        body = rest[size + 2 :]
+    return out
+
+
+def _parse_response(data: bytes, via: str) -> Reply:
+    head, _, body = data.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    pairs = tuple(
+        (name.strip().lower(), value.strip()) for name, sep, value in (ln.partition(":") for ln in lines[1:]) if sep
+    )
+    headers: dict[str, str] = {}
+    for name, value in pairs:
+        headers[name] = f"{headers[name]}, {value}" if name in headers else value
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        body = _dechunk(body)
+    elif "content-length" in headers:
+        body = body[: int(headers["content-length"])]
+    return Reply(int(lines[0].split(" ")[1]), headers, body, via, pairs)

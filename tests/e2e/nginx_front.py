@@ -14,6 +14,14 @@ Three listeners on 127.0.0.1, ephemeral ports:
 
 The ``https`` and ``http`` listeners proxy everything to the bridge after a Lua step that deletes any
 client-sent ``X-E2E-*`` header and exports the nginx variables as ``X-E2E-Var-<name>: =<escaped>``.
+``proxy_pass`` has no URI part, so the bridge gets the client's request-target exactly as sent (what
+APISIX's ``proxy_pass $upstream_scheme://apisix_backend$upstream_uri`` does with an empty
+``$upstream_uri``), and the header lines with their original spelling.
+
+All three servers run with ``underscores_in_headers on``: APISIX's default (apisix/cli/config.lua), so
+``x_client_subject`` reaches the plugin and the upstream. The front proxy has it too, on purpose: a
+front proxy that passes underscored headers through is the hostile case for header mode (the client's
+``x_client_cert`` arrives next to the proxy's own ``X-Client-Cert``).
 """
 
 from __future__ import annotations
@@ -104,6 +112,7 @@ http {
     server {
         listen 127.0.0.1:@HTTPS_PORT@ ssl;
         server_name @API_HOST@;
+        underscores_in_headers on;
         ssl_certificate @SERVER_CERT@;
         ssl_certificate_key @SERVER_KEY@;
         # APISIX's defaults (apisix/cli/ngx_tpl.lua): a shared session cache, no stateless tickets.
@@ -126,6 +135,7 @@ http {
     server {
         listen 127.0.0.1:@HTTP_PORT@;
         server_name @API_HOST@;
+        underscores_in_headers on;
         location / {
 @PROXY@
         }
@@ -134,6 +144,8 @@ http {
     server {
         listen 127.0.0.1:@FRONT_PORT@ ssl;
         server_name @FRONT_HOST@;
+        # Passes the client's underscored headers on (x_client_cert next to its own X-Client-Cert).
+        underscores_in_headers on;
         ssl_certificate @SERVER_CERT@;
         ssl_certificate_key @SERVER_KEY@;
         ssl_session_tickets off;

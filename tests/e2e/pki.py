@@ -6,11 +6,23 @@ from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.certs import CertFactory, Issued
 
-__all__ = ["API_HOST", "FRONT_HOST", "OTHER_HOST", "SPIFFE_DEV", "SPIFFE_PROD", "ClientCert", "Pki"]
+__all__ = [
+    "API_HOST",
+    "FRONT_HOST",
+    "OTHER_HOST",
+    "SPIFFE_DEV",
+    "SPIFFE_PROD",
+    "ClientCert",
+    "Pki",
+    "constrained_chains",
+    "name_constrained_ca",
+]
 
 API_HOST = "api.example.test"
 FRONT_HOST = "front.example.test"
@@ -97,3 +109,67 @@ class Pki:
 
     def client(self, name: str | None) -> ClientCert | None:
         return None if name is None else self.clients[name]
+
+
+def name_constrained_ca(factory: CertFactory, parent: Issued, cn: str, permitted_dns: list[str]) -> Issued:
+    """An intermediate CA under ``parent`` with a critical NameConstraints extension permitting only the
+    DNS subtrees ``permitted_dns`` (other name types unconstrained), like a CA delegated to a partner."""
+    key = factory.new_key()
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(factory.name(cn))
+        .issuer_name(parent.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(factory.now - timedelta(days=1))
+        .not_valid_after(factory.now + timedelta(days=365))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                key_cert_sign=True,
+                crl_sign=True,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()), critical=False)
+        .add_extension(
+            x509.NameConstraints(permitted_subtrees=[x509.DNSName(d) for d in permitted_dns], excluded_subtrees=None),
+            critical=True,
+        )
+    )
+    cert = builder.sign(parent.key, hashes.SHA256())
+    pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
+    chain = pem + (parent.chain_pem if parent.cert.issuer != parent.cert.subject else "")
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    ).decode("ascii")
+    return Issued(cert=cert, key=key, pem=pem, key_pem=key_pem, chain_pem=chain)
+
+
+def constrained_chains(pki: Pki, spiffe: str = SPIFFE_PROD) -> dict[str, Issued]:
+    """Client certificates whose chain (leaf + intermediates, in ``chain_pem``) tests RFC 5280 path
+    constraints under ``pki.ca``, each with the SPIFFE ID ``spiffe`` so that only the chain decides:
+
+    ``partner_ok``      via a sub-CA name-constrained to DNS partner.example, leaf DNS partner.example.
+    ``partner_escape``  the same sub-CA, leaf DNS billing.internal: outside the permitted subtree.
+    ``pathlen_ok``      via a sub-CA with pathLenConstraint 0, leaf issued directly by it.
+    ``pathlen_escape``  the same sub-CA issued another CA, which issued the leaf: pathLen 0 violated.
+    """
+    factory = CertFactory()
+    partner = name_constrained_ca(factory, pki.ca, "Partner Sub-CA", ["partner.example"])
+    strict = factory.ca("PathLen0 Sub-CA", parent=pki.ca, path_length=0)
+    below = factory.ca("Below PathLen0 CA", parent=strict)
+    return {
+        "partner_ok": factory.leaf(partner, cn="partner-web", dns=["partner.example"], uris=[spiffe], chain=[partner]),
+        "partner_escape": factory.leaf(partner, cn="billing", dns=["billing.internal"], uris=[spiffe], chain=[partner]),
+        "pathlen_ok": factory.leaf(strict, cn="web-prod", uris=[spiffe], chain=[strict]),
+        "pathlen_escape": factory.leaf(below, cn="web-prod", uris=[spiffe], chain=[below, strict]),
+    }

@@ -90,7 +90,8 @@ def correct(probe: Probe, outcome: ApisixOutcome) -> bool:
     if outcome.tries != 1:
         return False
     if probe.allowed:
-        return outcome.kind == "pass"
+        # mtls-guard delivers the path it judged: every request it lets through is a Rewrite of it.
+        return outcome.kind == "rewrite" and outcome.rewrite is not None and outcome.rewrite.path == probe.path
     return outcome.kind == "stop" and outcome.client_status == 403
 
 

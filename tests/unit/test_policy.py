@@ -13,6 +13,7 @@ import pytest
 
 from plugins.mtls_guard.forwarded import build_xfcc
 from plugins.mtls_guard.identity import CertificateCache, load_pem
+from plugins.mtls_guard.matchers import authority_host
 from plugins.mtls_guard.policy import (
     REASON_HEADER,
     CompiledPolicy,
@@ -23,9 +24,11 @@ from plugins.mtls_guard.policy import (
     compile_policy,
 )
 from plugins.mtls_guard.schema import Mode
+from runner.protocol import codec
 from tests.certs import CertFactory, escaped
 
 FACTORY = CertFactory()
+CACHE = CertificateCache()
 NOW = FACTORY.now
 ROOT = FACTORY.ca("Example Root", subject_extra={"O": "Example CA"})
 OTHER_ROOT = FACTORY.ca("Other Root", subject_extra={"O": "Other CA"})
@@ -76,6 +79,12 @@ def xfcc(cert: Any) -> tuple[tuple[str, str | None], ...]:
     return (("x-forwarded-client-cert", build_xfcc(load_pem(cert.pem))),)
 
 
+def present(policy: CompiledPolicy, headers: tuple[tuple[str, str | None], ...]) -> tuple[str, ...]:
+    """The spellings of the identity/certificate headers the runner finds in a call carrying ``headers``."""
+    frame = codec.http_req_call_frame(id=0, conf_token=1, method=0, path="/", headers=headers)
+    return codec.decode_http_req_call(frame[4:]).header_spellings(policy.strip_folded)
+
+
 def fp(cert: Any) -> str:
     return load_pem(cert.pem).fingerprint_sha256
 
@@ -87,7 +96,12 @@ def compiled(document: dict[str, Any]) -> CompiledPolicy:
 def run(
     policy: CompiledPolicy, request: RequestInput, variables: dict[str, str | None], now: datetime = NOW
 ) -> Decision:
-    """Drive the two-call protocol like the adapter: first without vars, then with the requested ones."""
+    """Drive the two-call protocol like the adapter: first without vars, then with the requested ones.
+
+    ``variables["host"]`` stands for the Host header the call carries (the policy never asks for it).
+    """
+    if request.host is None and variables.get("host") is not None:
+        request = dataclasses.replace(request, host=authority_host(variables["host"]))
     cache = CertificateCache()
     first = policy.decide(request, None, now=now, cache=cache)
     if isinstance(first, Decision):
@@ -139,7 +153,8 @@ CASES = [
     case("valid-cert", {}, tls(), OK),
     case("valid-cert-via-intermediate", {}, tls(VIA_INTERMEDIATE), OK),
     case("no-cert-NONE", {}, tls(None, ssl_client_verify="NONE"), (Reason.NO_CERT, False, DENY, "")),
-    case("no-cert-var-absent", {}, tls(None, ssl_client_verify=None), (Reason.NO_CERT, False, DENY, "")),
+    # Without ssl_client_verify the request did not come over TLS (decision.is_tls): never a success.
+    case("verify-var-absent", {}, tls(None, ssl_client_verify=None), (Reason.PLAIN_HTTP, False, DENY, "")),
     case("no-cert-var-empty", {}, tls(None, ssl_client_verify=""), (Reason.NO_CERT, False, DENY)),
     case(
         "untrusted-nginx-failed",
@@ -278,7 +293,35 @@ CASES = [
     case(
         "host-exemption-match",
         EXEMPTIONS,
-        tls(None, ssl_client_verify="NONE", host="v2.docs.example.com"),
+        tls(None, ssl_client_verify="NONE", host="v2.docs.example.com", ssl_server_name="v2.docs.example.com"),
+        (Reason.EXEMPT, True, 0, "docs-host"),
+        path="/docs/intro",
+    ),
+    case(
+        "host-exemption-port-in-host-header",
+        EXEMPTIONS,
+        tls(None, ssl_client_verify="NONE", host="docs.example.com:8443", ssl_server_name="docs.example.com"),
+        (Reason.EXEMPT, True, 0, "docs-host"),
+        path="/docs/intro",
+    ),
+    case(
+        "host-exemption-needs-the-sni-to-agree",
+        EXEMPTIONS,
+        tls(None, ssl_client_verify="NONE", host="docs.example.com"),
+        (Reason.HOST_MISMATCH, False, 421, "host-rule"),
+        path="/docs/intro",
+    ),
+    case(
+        "host-exemption-needs-the-sni-even-with-the-sni-check-off",
+        {**EXEMPTIONS, "require_sni_match": False},
+        tls(BILLING, host="docs.example.com"),
+        (Reason.HOST_MISMATCH, False, 421, "host-rule"),
+        path="/docs/intro",
+    ),
+    case(
+        "host-exemption-over-plain-http-takes-the-host-header",
+        EXEMPTIONS,
+        {"host": "docs.example.com"},
         (Reason.EXEMPT, True, 0, "docs-host"),
         path="/docs/intro",
     ),
@@ -335,10 +378,24 @@ CASES = [
         method="OPTIONS",
         path="/a/../b",
     ),
-    case("encoded-but-unambiguous-path-exempt", EXEMPTIONS, {}, (Reason.EXEMPT, True, 0, "public"), path="/p%75blic"),
+    case(
+        "encoded-upstream-uri-decoded-once",
+        EXEMPTIONS,
+        {"upstream_uri": "/p%75blic"},
+        (Reason.EXEMPT, True, 0, "public"),
+        path="/p%75blic",
+    ),
+    # A "%" in $uri came from "%25": delivered as "%25" again, a double-decoding upstream reads "/public".
+    case(
+        "literal-percent-in-uri-never-exempt",
+        EXEMPTIONS,
+        tls(None, ssl_client_verify="NONE"),
+        (Reason.NO_CERT, False, DENY),
+        path="/p%75blic",
+    ),
     # -- transport: scheme and Host/SNI ------------------------------------------------------------
-    case("plain-http", {}, tls(scheme="http"), (Reason.PLAIN_HTTP, False, DENY)),
-    case("plain-http-scheme-missing", {}, tls(scheme=None), (Reason.PLAIN_HTTP, False, DENY)),
+    case("plain-http", {}, {"host": HOST}, (Reason.PLAIN_HTTP, False, DENY)),
+    case("plain-http-scheme-is-not-read", {}, tls(scheme="http"), OK),
     case("host-mismatch-421", {}, tls(ssl_server_name="other.example.com"), (Reason.HOST_MISMATCH, False, 421)),
     case("sni-missing-421", {}, tls(ssl_server_name=None), (Reason.HOST_MISMATCH, False, 421)),
     case("sni-host-case-and-trailing-dot", {}, tls(ssl_server_name="API.example.com."), OK),
@@ -488,37 +545,40 @@ class TestVariableProtocol:
     @pytest.mark.parametrize(
         ("document", "method", "path", "names"),
         [
-            (
-                {},
-                "GET",
-                "/x",
-                ("ssl_client_verify", "ssl_client_escaped_cert", "ssl_server_name", "host", "scheme"),
-            ),
-            ({"require_sni_match": False}, "GET", "/x", ("ssl_client_verify", "ssl_client_escaped_cert", "scheme")),
+            ({}, "GET", "/x", ("ssl_client_verify", "ssl_client_escaped_cert", "ssl_server_name")),
+            ({"require_sni_match": False}, "GET", "/x", ("ssl_client_verify", "ssl_client_escaped_cert")),
             (
                 {"require_sni_match": False, **EXEMPTIONS},
                 "GET",
                 "/docs/a",
-                ("ssl_client_verify", "ssl_client_escaped_cert", "host", "scheme"),
+                ("ssl_client_verify", "ssl_client_escaped_cert", "ssl_server_name"),
             ),
             (
                 {"require_sni_match": False, **EXEMPTIONS},
                 "GET",
                 "/other",
-                ("ssl_client_verify", "ssl_client_escaped_cert", "scheme"),
+                ("ssl_client_verify", "ssl_client_escaped_cert"),
             ),
             ({"source": {**HEADER_SOURCE, "ca": ROOT.pem}}, "GET", "/x", ("realip_remote_addr",)),
             (
                 {"source": {**HEADER_SOURCE, "ca": ROOT.pem}, **EXEMPTIONS},
                 "GET",
                 "/docs/a",
-                ("host", "realip_remote_addr"),
+                ("ssl_client_verify", "ssl_server_name", "realip_remote_addr"),
             ),
             (
                 {"source": {**HEADER_SOURCE, "ca": ROOT.pem}, **EXEMPTIONS},
                 "POST",
                 "/docs/a",
-                ("host", "realip_remote_addr"),
+                ("ssl_client_verify", "ssl_server_name", "realip_remote_addr"),
+            ),
+            # A "%" in the path: is it $uri (delivered by our Rewrite) or an earlier plugin's $upstream_uri?
+            ({}, "GET", "/a%20b", ("ssl_client_verify", "ssl_client_escaped_cert", "ssl_server_name", "upstream_uri")),
+            (
+                {"require_sni_match": False, **EXEMPTIONS},
+                "GET",
+                "/docs/%41",
+                ("ssl_client_verify", "ssl_client_escaped_cert", "ssl_server_name", "upstream_uri"),
             ),
         ],
     )
@@ -526,15 +586,24 @@ class TestVariableProtocol:
         self, document: dict[str, Any], method: str, path: str, names: tuple[str, ...]
     ) -> None:
         """The first call asks, in one NeedVars, for exactly the variables the rest of the decision reads."""
-        outcome = compiled(document).decide(RequestInput(method, path), None, now=NOW, cache=CertificateCache())
+        request = RequestInput(method, path, host="docs.example.com")
+        outcome = compiled(document).decide(request, None, now=NOW, cache=CertificateCache())
         assert outcome == NeedVars(names)
 
-    def test_host_rule_not_matching_path_needs_no_host(self) -> None:
-        """A host rule whose path does not match does not add "host" to the request."""
+    def test_host_rule_not_matching_path_needs_no_sni(self) -> None:
+        """A host rule whose path does not match does not add the SNI to the request."""
         policy = compiled({"require_sni_match": False, "exempt": [{"path": "/docs/.*", "hosts": ["d.example.com"]}]})
-        outcome = policy.decide(RequestInput("GET", "/api"), None, now=NOW, cache=CertificateCache())
+        outcome = policy.decide(
+            RequestInput("GET", "/api", host="d.example.com"), None, now=NOW, cache=CertificateCache()
+        )
         assert isinstance(outcome, NeedVars)
-        assert "host" not in outcome.names
+        assert "ssl_server_name" not in outcome.names
+
+    def test_host_rule_for_another_host_needs_no_sni(self) -> None:
+        """A host rule whose host is not the Host header does not add the SNI to the request."""
+        policy = compiled({"require_sni_match": False, "exempt": [{"path": "/docs/.*", "hosts": ["d.example.com"]}]})
+        outcome = policy.decide(RequestInput("GET", "/docs/a", host="e.example.com"), None, now=NOW, cache=CACHE)
+        assert outcome == NeedVars(("ssl_client_verify", "ssl_client_escaped_cert"))
 
     def test_exempt_without_hosts_needs_no_vars(self) -> None:
         """A rule decided by method and path alone answers on the first call, without any variable."""
@@ -556,7 +625,9 @@ class TestVariableProtocol:
         policy = compiled(
             {"exempt": [{"id": "h", "path": "/a", "hosts": ["x.example.com"]}, {"id": "m", "methods": ["GET"]}]}
         )
-        outcome = policy.decide(RequestInput("GET", "/a"), {"host": "x.example.com"}, now=NOW, cache=CertificateCache())
+        request = RequestInput("GET", "/a", host="x.example.com")
+        over_tls = {"ssl_client_verify": "NONE", "ssl_server_name": "x.example.com"}
+        outcome = policy.decide(request, over_tls, now=NOW, cache=CertificateCache())
         assert isinstance(outcome, Decision)
         assert outcome.detail == "h"
 
@@ -570,7 +641,9 @@ class TestVariableProtocol:
         """Repeated decisions on the same escaped certificate hit the cache instead of re-parsing."""
         policy, cache = compiled({}), CertificateCache()
         for _ in range(3):
-            assert policy.decide(RequestInput("GET", "/x"), tls(), now=NOW, cache=cache).allowed  # type: ignore[union-attr]
+            decision = policy.decide(RequestInput("GET", "/x", host=HOST), tls(), now=NOW, cache=cache)
+            assert isinstance(decision, Decision)
+            assert decision.allowed
         assert (cache.misses, cache.hits) == (1, 2)
 
     def test_pathological_regex_on_8kb_path(self) -> None:
@@ -598,8 +671,8 @@ class TestExemptMatcherFailsClosed:
         """A Set hit is confirmed with the rule's own regex, so a wrong Set result cannot exempt."""
         policy = compiled({"exempt": [{"id": "a", "path": "/a"}, {"id": "b", "path": "/b/.*"}]})
         broken = dataclasses.replace(policy.engine.exempt, path_set=_AlwaysMatchingSet(2))
-        assert broken.match("GET", b"/admin", None, False) == ("", False)
-        assert broken.match("GET", b"/b/x", None, False) == ("b", False)
+        assert broken.match("GET", b"/admin", None, sni_binds=None).rule == ""
+        assert broken.match("GET", b"/b/x", None, sni_binds=None).rule == "b"
 
 
 class TestRejectResponse:
@@ -654,16 +727,19 @@ class TestUpstreamHeaders:
         """On an exempt request every inbound copy of a forward header is deleted and nothing is set."""
         policy = compiled({**FORWARD, **EXEMPTIONS})
         decision = run(policy, RequestInput("GET", "/public", SPOOFED), {})
-        assert policy.upstream_headers(decision, SPOOFED) == (("x-client-fp", None), ("x-client-subject", None))
+        assert policy.upstream_headers(decision, present(policy, SPOOFED)) == (
+            ("x-client-subject", None),
+            ("x-client-fp", None),
+        )
 
     def test_verified_request_gets_identity(self) -> None:
         """A verified request gets deletions first, then subject, typed SANs, fingerprint and XFCC."""
         policy = compiled(FORWARD)
         decision = run(policy, RequestInput("GET", "/x", SPOOFED), tls())
         cert = load_pem(BILLING.pem)
-        assert policy.upstream_headers(decision, SPOOFED) == (
-            ("x-client-fp", None),
+        assert policy.upstream_headers(decision, present(policy, SPOOFED)) == (
             ("x-client-subject", None),
+            ("x-client-fp", None),
             ("x-client-subject", "CN=client-a,O=Example"),
             (
                 "x-client-san",
@@ -679,19 +755,22 @@ class TestUpstreamHeaders:
         decision = run(policy, RequestInput("GET", "/x", SPOOFED), tls())
         assert decision.allowed
         assert decision.identity is not None
-        assert policy.upstream_headers(decision, SPOOFED) == (("x-client-fp", None), ("x-client-subject", None))
+        assert policy.upstream_headers(decision, present(policy, SPOOFED)) == (
+            ("x-client-subject", None),
+            ("x-client-fp", None),
+        )
 
     def test_no_forward_configured(self) -> None:
         """Without forward headers nothing changes, even with inbound look-alikes."""
         policy = compiled({})
         decision = run(policy, RequestInput("GET", "/x", SPOOFED), tls())
-        assert policy.upstream_headers(decision, SPOOFED) == ()
+        assert policy.upstream_headers(decision, present(policy, SPOOFED)) == ()
 
     def test_nothing_inbound_nothing_verified(self) -> None:
         """An exempt request without look-alike headers changes nothing."""
         policy = compiled({**FORWARD, **EXEMPTIONS})
         decision = run(policy, RequestInput("GET", "/public"), {})
-        assert policy.upstream_headers(decision, (("accept", "*/*"),)) == ()
+        assert policy.upstream_headers(decision, present(policy, (("accept", "*/*"),))) == ()
 
     def test_header_mode_unverified_forwarded_cert_stripped(self) -> None:
         """In header mode an exempt or untrusted request never passes the certificate headers on."""
@@ -700,14 +779,17 @@ class TestUpstreamHeaders:
         exempt = run(policy, RequestInput("GET", "/public", inbound), {})
         untrusted = run(policy, RequestInput("GET", "/x", inbound), peer("203.0.113.9"))
         for decision in (exempt, untrusted):
-            assert policy.upstream_headers(decision, inbound) == (("client-cert", None), ("client-cert-chain", None))
+            assert policy.upstream_headers(decision, present(policy, inbound)) == (
+                ("client-cert", None),
+                ("client-cert-chain", None),
+            )
 
     def test_header_mode_verified_forwarded_cert_stripped(self) -> None:
         """Even a verified forwarded certificate is deleted: the upstream must never see a certificate header."""
         policy = compiled({"source": {**HEADER_SOURCE, "ca": ROOT.pem}})
         decision = run(policy, RequestInput("GET", "/x", xfcc(BILLING)), peer())
         assert decision.reason is Reason.VERIFIED
-        assert policy.upstream_headers(decision, xfcc(BILLING)) == (("x-forwarded-client-cert", None),)
+        assert policy.upstream_headers(decision, present(policy, xfcc(BILLING))) == (("x-forwarded-client-cert", None),)
 
     def test_header_mode_exempt_request_from_untrusted_peer(self) -> None:
         """An exempt request from an untrusted peer passes, but its forged certificate header is deleted."""
@@ -715,10 +797,10 @@ class TestUpstreamHeaders:
         inbound = (*xfcc(BILLING), *SPOOFED)
         decision = run(policy, RequestInput("GET", "/public", inbound), peer("203.0.113.9"))
         assert (decision.allowed, decision.reason) == (True, Reason.EXEMPT)
-        assert policy.upstream_headers(decision, inbound) == (
-            ("x-client-fp", None),
-            ("x-client-subject", None),
+        assert policy.upstream_headers(decision, present(policy, inbound)) == (
             ("x-forwarded-client-cert", None),
+            ("x-client-subject", None),
+            ("x-client-fp", None),
         )
 
     def test_header_mode_allowed_request_from_trusted_proxy(self) -> None:
@@ -728,7 +810,7 @@ class TestUpstreamHeaders:
         decision = run(policy, RequestInput("GET", "/x", inbound), peer())
         assert (decision.allowed, decision.reason) == (True, Reason.VERIFIED)
         cert = load_pem(BILLING.pem)
-        assert policy.upstream_headers(decision, inbound) == (
+        assert policy.upstream_headers(decision, present(policy, inbound)) == (
             ("x-forwarded-client-cert", None),
             ("x-client-subject", "CN=client-a,O=Example"),
             (
@@ -747,7 +829,10 @@ class TestUpstreamHeaders:
         inbound = (("client-cert", f":{der}:"), ("client-cert-chain", f":{chain}:"), ("accept", "*/*"))
         decision = run(policy, RequestInput("GET", "/x", inbound), peer())
         assert decision.reason is Reason.VERIFIED
-        assert policy.upstream_headers(decision, inbound) == (("client-cert", None), ("client-cert-chain", None))
+        assert policy.upstream_headers(decision, present(policy, inbound)) == (
+            ("client-cert", None),
+            ("client-cert-chain", None),
+        )
 
     @pytest.mark.parametrize(
         ("extra", "reason"),
@@ -758,14 +843,14 @@ class TestUpstreamHeaders:
         policy = compiled({"source": {**HEADER_SOURCE, "ca": ROOT.pem}, "mode": "report", **extra})
         decision = run(policy, RequestInput("GET", "/x", xfcc(BILLING)), peer())
         assert (decision.allowed, decision.reason, decision.mode) == (True, reason, Mode.REPORT)
-        assert policy.upstream_headers(decision, xfcc(BILLING)) == (("x-forwarded-client-cert", None),)
+        assert policy.upstream_headers(decision, present(policy, xfcc(BILLING))) == (("x-forwarded-client-cert", None),)
 
     def test_san_values_escaped(self) -> None:
         """Commas and control characters inside a SAN value cannot split or break the header."""
         leaf = FACTORY.leaf(ROOT, uris=["urn:a,DNS:evil.example"])
         policy = compiled({"forward": {"san": "x-san"}})
         decision = run(policy, RequestInput("GET", "/x"), tls(leaf))
-        assert policy.upstream_headers(decision, ()) == (("x-san", "URI:urn:a%2CDNS:evil.example"),)
+        assert policy.upstream_headers(decision, present(policy, ())) == (("x-san", "URI:urn:a%2CDNS:evil.example"),)
 
 
 class TestDescribe:
@@ -799,8 +884,9 @@ def test_compiled_policy_is_immutable() -> None:
 
 def test_now_must_be_aware() -> None:
     """A naive clock is a programming error, not a silently wrong validity check."""
+    request, policy = RequestInput("GET", "/x", host=HOST), compiled({})
     with pytest.raises(ValueError, match="timezone"):
-        compiled({}).decide(RequestInput("GET", "/x"), tls(), now=datetime(2030, 1, 1), cache=CertificateCache())
+        policy.decide(request, tls(), now=datetime(2030, 1, 1), cache=CertificateCache())
 
 
 def test_utc_clock_matches_factory() -> None:

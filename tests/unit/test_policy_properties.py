@@ -1,4 +1,5 @@
-"""Property tests: path tricks never buy an exemption, and the optimised matcher equals the naive rules."""
+"""Property tests: path tricks never buy an exemption, the path judged is the path the upstream reads,
+and the optimised matcher equals the naive rules."""
 
 from __future__ import annotations
 
@@ -13,9 +14,10 @@ from hypothesis import HealthCheck, assume, example, given, settings
 from hypothesis import strategies as st
 
 from plugins.mtls_guard.identity import CertificateCache
-from plugins.mtls_guard.matchers import APISIX_METHODS, DomainSet, normalize_fingerprint
-from plugins.mtls_guard.paths import canonicalize
+from plugins.mtls_guard.matchers import APISIX_METHODS, DomainSet, authority_host, normalize_fingerprint
+from plugins.mtls_guard.paths import exempt_path
 from plugins.mtls_guard.policy import CompiledPolicy, Decision, NeedVars, Reason, RequestInput, compile_policy
+from runner.testing import uri_safe_encode
 from tests.certs import CertFactory, escaped
 
 NOW = datetime.now(UTC)
@@ -98,6 +100,21 @@ def first_call(policy: CompiledPolicy, method: str, path: str | None) -> Decisio
     return policy.decide(RequestInput(method, path), None, now=NOW, cache=CACHE)
 
 
+def decide(policy: CompiledPolicy, method: str, path: str | None, *, encoded: bool) -> Decision:
+    """Both calls, over plain HTTP: ``encoded`` says whether ``path`` is an earlier plugin's
+    ``$upstream_uri`` (delivered as is) or ``$uri`` (delivered by the guard's Rewrite)."""
+    outcome = first_call(policy, method, path)
+    if isinstance(outcome, NeedVars):
+        vars = {"upstream_uri": path if encoded else ""}
+        outcome = policy.decide(RequestInput(method, path), vars, now=NOW, cache=CACHE)
+    assert isinstance(outcome, Decision)
+    return outcome
+
+
+def judged(path: str | None, encoded: bool) -> str | None:
+    return exempt_path(path, encoded=encoded)
+
+
 def is_exempt(outcome: Decision | NeedVars) -> bool:
     return isinstance(outcome, Decision) and outcome.reason is Reason.EXEMPT
 
@@ -108,37 +125,45 @@ METHODS_ONLY = compiled({"exempt": [{"methods": ["OPTIONS", "GET"]}]})
 
 
 class TestAmbiguousPathsNeverExempt:
-    @given(paths)
-    @example("/public/../admin")
-    @example("//admin")
-    @example("/public%2F..%2Fadmin")
-    @example("/public;/../admin")
-    @example("/health%0A")
-    def test_catch_all_rule_exempts_exactly_the_unambiguous(self, path: str | None) -> None:
+    @given(paths, st.booleans())
+    @example("/public/../admin", False)
+    @example("//admin", True)
+    @example("/public%2F..%2Fadmin", True)
+    @example("/public;/../admin", True)
+    @example("/health%0A", True)
+    @example("/%2570ublic/x", False)
+    def test_catch_all_rule_exempts_exactly_the_unambiguous(self, path: str | None, encoded: bool) -> None:
         """Even a rule matching everything exempts a path only when it is unambiguous."""
-        outcome = first_call(CATCH_ALL, "GET", path)
-        assert is_exempt(outcome) == (not canonicalize(path).ambiguous)
+        outcome = decide(CATCH_ALL, "GET", path, encoded=encoded)
+        assert is_exempt(outcome) == (judged(path, encoded) is not None)
 
-    @given(paths, st.sampled_from(["GET", "OPTIONS"]))
-    def test_methods_only_rule_does_not_exempt_ambiguous_paths(self, path: str | None, method: str) -> None:
+    @given(paths, st.sampled_from(["GET", "OPTIONS"]), st.booleans())
+    def test_methods_only_rule_does_not_exempt_ambiguous_paths(
+        self, path: str | None, method: str, encoded: bool
+    ) -> None:
         """A rule without a path condition still never exempts an ambiguous path."""
-        outcome = first_call(METHODS_ONLY, method, path)
-        assert is_exempt(outcome) == (not canonicalize(path).ambiguous)
+        outcome = decide(METHODS_ONLY, method, path, encoded=encoded)
+        assert is_exempt(outcome) == (judged(path, encoded) is not None)
+
+    @given(paths, st.booleans())
+    @example("/Public", False)
+    @example("/public/..;/admin", True)
+    def test_exempt_implies_full_match_of_the_judged_path(self, path: str | None, encoded: bool) -> None:
+        """If a path is exempt, the judged path full-matches the reported rule (checked with Python re)."""
+        outcome = decide(POOL, "GET", path, encoded=encoded)
+        value = judged(path, encoded)
+        if is_exempt(outcome):
+            assert value is not None
+            assert re.fullmatch(outcome.detail, value) is not None
+        elif value is not None:
+            # Conversely, a judged path that some rule full-matches is exempt (no false negatives).
+            assert not any(re.fullmatch(p, value) for p in EXEMPT_PATTERNS)
 
     @given(paths)
-    @example("/Public")
-    @example("/public/..;/admin")
-    def test_exempt_implies_canonical_full_match(self, path: str | None) -> None:
-        """If a path is exempt, its canonical form full-matches the reported rule (checked with Python re)."""
-        outcome = first_call(POOL, "GET", path)
-        canonical = canonicalize(path)
-        if is_exempt(outcome):
-            assert isinstance(outcome, Decision)
-            assert not canonical.ambiguous
-            assert re.fullmatch(outcome.detail, canonical.value) is not None
-        elif not canonical.ambiguous:
-            # Conversely, a canonical path that some rule full-matches is exempt (no false negatives).
-            assert not any(re.fullmatch(p, canonical.value) for p in EXEMPT_PATTERNS)
+    def test_a_literal_percent_in_uri_is_never_decoded_again(self, path: str | None) -> None:
+        """$uri was decoded once by nginx: a "%" left in it never buys an exemption (no double decoding)."""
+        if path is not None and "%" in path:
+            assert not is_exempt(decide(CATCH_ALL, "GET", path, encoded=False))
 
 
 # Mostly-unambiguous paths (so that assume() rarely discards): segments of ordinary characters, some
@@ -159,14 +184,14 @@ canonical_inputs = st.one_of(paths, clean_paths)
 FILTERING = settings(suppress_health_check=[HealthCheck.filter_too_much])
 
 
-class TestCanonicalForm:
+class TestJudgedForm:
     @FILTERING
-    @given(canonical_inputs)
-    def test_unambiguous_value_is_clean(self, path: str | None) -> None:
-        """An unambiguous canonical path is absolute, has no dot or empty segments and no unsafe characters."""
-        canonical = canonicalize(path)
-        assume(not canonical.ambiguous)
-        value = canonical.value
+    @given(canonical_inputs, st.booleans())
+    def test_unambiguous_value_is_clean(self, path: str | None, encoded: bool) -> None:
+        """A judged path is absolute, has no dot or empty segments and no unsafe characters."""
+        value = judged(path, encoded)
+        assume(value is not None)
+        assert value is not None
         assert value.startswith("/")
         segments = value.split("/")[1:]
         assert all(s not in (".", "..") for s in segments)
@@ -177,12 +202,13 @@ class TestCanonicalForm:
     @FILTERING
     @given(canonical_inputs)
     def test_percent_encoding_round_trip(self, path: str | None) -> None:
-        """Re-encoding an unambiguous canonical path and canonicalising it again gives the same value."""
-        canonical = canonicalize(path)
-        assume(not canonical.ambiguous)
-        again = canonicalize(quote(canonical.value, safe="/"))
-        assert again.value == canonical.value
-        assert not again.ambiguous
+        """Re-encoding a judged encoded path and judging it again gives the same value; a judged
+        $uri is judged as itself."""
+        value = judged(path, True)
+        assume(value is not None)
+        assert value is not None
+        assert judged(quote(value, safe="/"), True) == value
+        assert judged(value, False) == value
 
 
 def unquote_lenient(text: str) -> str:
@@ -224,17 +250,34 @@ class TestUpstreamViewsAgree:
     @example("/public\\..\\admin")
     @example("/public/\uff0e\uff0e/admin")
     def test_unambiguous_means_every_reading_is_the_same(self, path: str | None) -> None:
-        """For an unambiguous path, every plausible upstream reading equals the canonical value."""
-        canonical = canonicalize(path)
-        assume(path is not None and not canonical.ambiguous)
+        """For an unambiguous encoded path (delivered as is), every upstream reading equals the judged value."""
+        value = judged(path, True)
+        assume(path is not None and value is not None)
         assert path is not None
-        for view, value in upstream_views(path).items():
-            assert value == canonical.value, view
+        assert value is not None
+        for view, reading in upstream_views(path).items():
+            assert reading == value, view
         # Segment boundaries are the same whether the upstream splits before or after decoding.
-        assert [unquote_lenient(s) for s in path.split("/")] == canonical.value.split("/")
-        folded = unicodedata.normalize("NFKC", canonical.value)
+        assert [unquote_lenient(s) for s in path.split("/")] == value.split("/")
+        folded = unicodedata.normalize("NFKC", value)
         assert resolve(folded) == folded
-        assert folded.count("/") == canonical.value.count("/")
+        assert folded.count("/") == value.count("/")
+
+    @FILTERING
+    @given(canonical_inputs)
+    @example("/public/a b")
+    @example("/public/a?b")
+    @example("/caf\u00e9")
+    def test_delivered_uri_reads_back_as_judged(self, path: str | None) -> None:
+        """A $uri the guard judged and delivers with a Rewrite (APISIX's uri_safe_encode) reads back as
+        exactly that path in every upstream, whichever way it splits and decodes."""
+        value = judged(path, False)
+        assume(value is not None)
+        assert value is not None
+        delivered = uri_safe_encode(value)
+        for view, reading in upstream_views(delivered).items():
+            assert reading == value, view
+        assert [unquote_lenient(s) for s in delivered.split("/")] == value.split("/")
 
 
 RULE = st.fixed_dictionaries(
@@ -261,12 +304,12 @@ def host_matches(pattern: str, host: str) -> bool:
 
 def reference_exempt(rules: list[dict[str, Any]], method: str, path: str, host: str) -> str:
     """The specification, evaluated naively: the first rule whose every condition holds."""
-    canonical = canonicalize(path)
-    if canonical.ambiguous:
+    value = judged(path, True)
+    if value is None:
         return ""
     normalized = host.lower().rstrip(".")
     for index, rule in enumerate(rules):
-        if "path" in rule and re.fullmatch(rule["path"], canonical.value) is None:
+        if "path" in rule and re.fullmatch(rule["path"], value) is None:
             continue
         if "methods" in rule and method not in rule["methods"]:
             continue
@@ -283,40 +326,48 @@ class TestMatcherEqualsSpecification:
     def test_first_matching_rule(self, rules: list[dict[str, Any]], method: str, path: str | None, host: str) -> None:
         """Method grouping plus the RE2 Set report the same first rule as the naive evaluation."""
         policy = compiled({"exempt": rules, "require_sni_match": False})
-        outcome = policy.decide(RequestInput(method, path), {"host": host}, now=NOW, cache=CACHE)
+        request = RequestInput(method, path, host=authority_host(host))
+        # Plain HTTP (no ssl_* variables): the Host header is taken as sent; the path is an encoded $upstream_uri.
+        outcome = policy.decide(request, {"upstream_uri": path}, now=NOW, cache=CACHE)
         expected = reference_exempt(rules, method, path or "", host) if path else ""
         assert (outcome.detail if outcome.reason is Reason.EXEMPT else "") == expected  # type: ignore[union-attr]
 
     @settings(deadline=None)
-    @given(st.lists(RULE, min_size=1, max_size=8), st.sampled_from(METHODS), paths)
-    def test_first_call_asks_for_host_only_when_a_host_rule_may_match(
-        self, rules: list[dict[str, Any]], method: str, path: str | None
+    @given(st.lists(RULE, min_size=1, max_size=8), st.sampled_from(METHODS), paths, HOSTS)
+    def test_first_call_asks_for_the_sni_only_when_a_host_rule_may_match(
+        self, rules: list[dict[str, Any]], method: str, path: str | None, host: str
     ) -> None:
-        """The first call exempts without vars, or asks for "host" exactly when a host rule is a candidate."""
+        """The first call exempts without vars, or asks for the SNI exactly when a host rule matches the Host."""
         policy = compiled({"exempt": rules, "require_sni_match": False})
-        first = first_call(policy, method, path)
-        canonical = canonicalize(path)
+        first = policy.decide(RequestInput(method, path, host=authority_host(host)), None, now=NOW, cache=CACHE)
+        if path is not None and "%" in path:
+            # $uri or an encoded $upstream_uri? Only the upstream_uri variable tells (paths module).
+            assert isinstance(first, NeedVars)
+            assert "upstream_uri" in first.names
+            return
+        value = judged(path, False)
+        normalized = host.lower().rstrip(".")
         candidates = [
             r
             for r in rules
-            if not canonical.ambiguous
-            and ("path" not in r or re.fullmatch(r["path"], canonical.value))
+            if value is not None
+            and ("path" not in r or re.fullmatch(r["path"], value))
             and ("methods" not in r or method in r["methods"])
+            and ("hosts" not in r or any(host_matches(h, normalized) for h in r["hosts"]))
         ]
         if any("hosts" not in r for r in candidates):
             assert is_exempt(first)
         else:
             assert isinstance(first, NeedVars)
-            assert ("host" in first.names) == bool(candidates)
+            assert ("ssl_server_name" in first.names) == bool(candidates)
 
 
 FULL_VARS = {
     "ssl_client_verify": "SUCCESS",
     "ssl_client_escaped_cert": escaped(LEAF.pem),
     "ssl_server_name": "api.example.com",
-    "host": "api.example.com",
-    "scheme": "https",
 }
+API = "api.example.com"
 STRICT = compiled({"require": {"san": {"dns": ["*.svc.example.com"]}}})
 REPORT = compiled({"mode": "report", "require": {"san": {"dns": ["*.svc.example.com"]}}})
 VAR_VALUES = st.dictionaries(
@@ -330,7 +381,7 @@ class TestVariables:
     def test_missing_variable_never_verifies(self, dropped: set[str]) -> None:
         """Dropping any needed variable turns an allowed request into a denial."""
         vars = {k: v for k, v in FULL_VARS.items() if k not in dropped}
-        outcome = STRICT.decide(RequestInput("GET", "/api"), vars, now=NOW, cache=CACHE)
+        outcome = STRICT.decide(RequestInput("GET", "/api", host=API), vars, now=NOW, cache=CACHE)
         assert isinstance(outcome, Decision)
         assert outcome.allowed == (not dropped)
 
@@ -338,8 +389,8 @@ class TestVariables:
     def test_report_mode_same_verdict_never_blocks(self, overrides: dict[str, str | None], path: str | None) -> None:
         """Report mode computes the enforce-mode verdict and reason but always lets the request through."""
         vars = {**FULL_VARS, **overrides}
-        enforce = STRICT.decide(RequestInput("GET", path), vars, now=NOW, cache=CACHE)
-        report = REPORT.decide(RequestInput("GET", path), vars, now=NOW, cache=CACHE)
+        enforce = STRICT.decide(RequestInput("GET", path, host=API), vars, now=NOW, cache=CACHE)
+        report = REPORT.decide(RequestInput("GET", path, host=API), vars, now=NOW, cache=CACHE)
         assert isinstance(enforce, Decision)
         assert isinstance(report, Decision)
         assert (report.verdict, report.reason, report.detail) == (enforce.verdict, enforce.reason, enforce.detail)
