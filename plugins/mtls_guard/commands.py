@@ -36,7 +36,11 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     ex.add_argument("--policy", required=True, help="policy as a file (JSON/YAML) or inline JSON")
     ex.add_argument("--policy-file", help="policy library (YAML) for named policies")
     ex.add_argument("--method", default="GET")
-    ex.add_argument("--path", required=True, help="the path as APISIX sends it ($uri)")
+    where = ex.add_mutually_exclusive_group(required=True)
+    where.add_argument(
+        "--target", help="the request-target exactly as the client sends it (e.g. '/admin/..%%2Fpublic/x?a=1')"
+    )
+    where.add_argument("--path", help="the path as APISIX sends it to the runner ($uri, already decoded)")
     ex.add_argument("--host", default="localhost", help="Host of the request (default localhost)")
     ex.add_argument("--sni", help="TLS SNI (default: same as --host)")
     ex.add_argument("--scheme", default="https", choices=("https", "http"))
@@ -113,7 +117,9 @@ def _check(args: argparse.Namespace) -> int:
 
 
 def _explain(args: argparse.Namespace) -> int:
-    from .explain import explain
+    from runner.testing import uri_safe_encode
+
+    from .explain import explain, nginx_uri, query_args
 
     try:
         plugin, compiled = _load(args.policy, args.policy_file)
@@ -125,12 +131,21 @@ def _explain(args: argparse.Namespace) -> int:
         if not sep or not name.strip():
             return _fail(f"--header {raw!r}: expected NAME:VALUE")
         headers.append((name.strip().lower(), value.strip()))
+    target = args.target
+    if target is not None:
+        try:
+            path, query = nginx_uri(target)
+        except ValueError as exc:
+            return _fail(f"--target {target!r}: nginx answers 400 ({exc})")
+    else:
+        path, query = args.path, ""
+        target = args.path
     variables: dict[str, str | None] = {
-        "host": args.host.lower(),
         "ssl_server_name": (args.sni or args.host).lower() if args.scheme == "https" else None,
-        "scheme": args.scheme,
         "realip_remote_addr": args.peer,
         "ssl_client_verify": "NONE",
+        "upstream_uri": "",  # APISIX's default: no earlier plugin rewrote the path
+        "real_request_uri": target,
     }
     if args.cert:
         try:
@@ -150,11 +165,16 @@ def _explain(args: argparse.Namespace) -> int:
         plugin,
         compiled,
         method=args.method,
-        path=args.path,
+        path=path,
         headers=tuple(headers),
         variables=variables,
+        args=query_args(query),
         src_ip=args.peer,
     )
+    # What nginx proxies: the raw target, unless the Rewrite set a path (APISIX's uri_safe_encode + query).
+    delivered = target
+    if result.upstream_path is not None:
+        delivered = uri_safe_encode(result.upstream_path) + (f"?{query}" if query else "")
     d = result.decision
     outcome: dict[str, Any] = {
         "allowed": d.allowed,
@@ -164,6 +184,9 @@ def _explain(args: argparse.Namespace) -> int:
         "mode": str(d.mode),
         "status": result.stop.status if result.stop else None,
         "upstream_headers": [[n, v] for n, v in result.upstream_headers],
+        "uri": path,
+        "upstream_target": None if result.stop else delivered,
+        "exemptions": list(result.exemptions),
         "variables_asked": list(result.variables_asked),
         "extra_info_round_trips": result.round_trips,
     }
@@ -173,6 +196,13 @@ def _explain(args: argparse.Namespace) -> int:
         action = f"reject {outcome['status']}" if result.stop else "pass to upstream"
         print(f"decision: {d.verdict} ({action}) reason={d.reason}" + (f" detail={d.detail}" if d.detail else ""))
         print(f"mode: {d.mode}")
+        print(f"request-target: {target}  ->  nginx $uri (judged): {path}")
+        if not result.stop:
+            print(f"upstream receives: {delivered}")
+        if result.exemptions:
+            print("exemptions (first match wins):")
+            for line in result.exemptions:
+                print(f"  {line}")
         print(f"variables fetched: {', '.join(result.variables_asked) or 'none'} ({result.round_trips} round trip(s))")
         for name, value in result.upstream_headers:
             print(f"upstream header: {name}: {'<removed>' if value is None else value}")
