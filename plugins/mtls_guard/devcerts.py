@@ -146,17 +146,21 @@ class CertFactory:
         subject: x509.Name | None = None,
         path_length: int | None = None,
         key: ec.EllipticCurvePrivateKey | None = None,
+        name_constraints: x509.NameConstraints | None = None,
+        key_usage: bool = True,
+        key_cert_sign: bool = True,
     ) -> Issued:
-        """Self-signed root, or an intermediate signed by ``parent``; default validity now-1d .. now+365d."""
+        """Self-signed root, or an intermediate signed by ``parent``; default validity now-1d .. now+365d.
+
+        ``name_constraints`` is added as a critical extension. ``key_usage=False`` leaves out the KeyUsage
+        extension; ``key_cert_sign=False`` keeps it but without keyCertSign (negative trust tests).
+        """
         key = key or self.new_key()
-        cert = self._build(
-            subject=subject if subject is not None else self.name(cn, subject_extra),
-            key=key,
-            issuer=parent,
-            not_before=not_before or self.now - timedelta(days=1),
-            not_after=not_after or self.now + timedelta(days=365),
-            extensions=[
-                (x509.BasicConstraints(ca=True, path_length=path_length), True),
+        extensions: list[tuple[x509.ExtensionType, bool]] = [
+            (x509.BasicConstraints(ca=True, path_length=path_length), True)
+        ]
+        if key_usage:
+            extensions.append(
                 (
                     x509.KeyUsage(
                         digital_signature=True,
@@ -164,14 +168,23 @@ class CertFactory:
                         key_encipherment=False,
                         data_encipherment=False,
                         key_agreement=False,
-                        key_cert_sign=True,
+                        key_cert_sign=key_cert_sign,
                         crl_sign=True,
                         encipher_only=False,
                         decipher_only=False,
                     ),
                     True,
-                ),
-            ],
+                )
+            )
+        if name_constraints is not None:
+            extensions.append((name_constraints, True))
+        cert = self._build(
+            subject=subject if subject is not None else self.name(cn, subject_extra),
+            key=key,
+            issuer=parent,
+            not_before=not_before or self.now - timedelta(days=1),
+            not_after=not_after or self.now + timedelta(days=365),
+            extensions=extensions,
         )
         pem = _pem(cert)
         # An intermediate's chain is itself plus its parent's chain, never including the root.
@@ -197,11 +210,13 @@ class CertFactory:
         subject: x509.Name | None = None,
         eku: Sequence[ObjectIdentifier] | None = None,
         key: ec.EllipticCurvePrivateKey | None = None,
+        basic_constraints: bool = True,
     ) -> Issued:
         """End-entity certificate signed by ``issuer`` (self-signed when None), valid now-1h .. now+1d.
 
         ``client_auth`` adds EKU clientAuth; ``eku`` overrides the EKU list entirely (empty list = no EKU
         extension). ``chain`` lists intermediates appended to ``chain_pem`` after the leaf.
+        ``basic_constraints=False`` leaves out BasicConstraints (cA false) altogether.
         """
         key = key or self.new_key()
         extensions: list[tuple[x509.ExtensionType, bool]] = [
@@ -221,6 +236,8 @@ class CertFactory:
                 True,
             ),
         ]
+        if not basic_constraints:
+            extensions.pop(0)
         usages = list(eku) if eku is not None else ([ExtendedKeyUsageOID.CLIENT_AUTH] if client_auth else [])
         if usages:
             extensions.append((x509.ExtendedKeyUsage(usages), False))

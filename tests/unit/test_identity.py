@@ -492,7 +492,8 @@ class TestTrustBundle:
             not_before=NOW - timedelta(days=30),
             not_after=NOW - timedelta(days=1),
         )
-        leaf = load_pem(factory.leaf(old).pem)
+        # Valid from before the intermediate expired, so a moment exists when the whole path is valid.
+        leaf = load_pem(factory.leaf(old, not_before=NOW - timedelta(days=3)).pem)
         bundle = TrustBundle.from_pem(root.pem)
         assert bundle.verify(leaf, [load_pem(old.pem)], now=NOW) == "expired-chain"
         assert bundle.verify(leaf, [load_pem(old.pem)], now=NOW - timedelta(days=2)) is None
