@@ -24,6 +24,7 @@ import platform
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -227,6 +228,7 @@ def run_matrix(
                             processes=len(srv.pids),
                             server_cpus=sorted(srv.tree_cpus) if srv.tree_cpus else None,
                             shape=srv.scenario.shape,
+                            ei_trips=[list(t) for t in srv.scenario.ei_trips],
                             loop=loop,
                             connections=n,
                         )
@@ -322,6 +324,37 @@ def _flags(**rs: dict[str, Any] | None) -> str:
     return ", ".join(notes)
 
 
+# Measured on APISIX 3.18 (shared/reference runner.md §2.6): nginx worker CPU per ExtraInfo round trip
+# (its first variable included) and per further pipelined variable.
+APISIX_US_PER_TRIP = 27.0
+APISIX_US_PER_EXTRA_VAR = 14.0
+
+
+def apisix_side_us(ei_trips: Sequence[Sequence[str]]) -> float:
+    """Estimated nginx worker CPU per request spent answering ExtraInfo (not measured here: no APISIX)."""
+    return sum(APISIX_US_PER_TRIP + APISIX_US_PER_EXTRA_VAR * (len(trip) - 1) for trip in ei_trips if trip)
+
+
+def _apisix_side(points: list[dict[str, Any]]) -> list[str]:
+    lines = [
+        "| scenario | round trips / request | variables / request | APISIX side, estimated µs/req |",
+        "|---|--:|--:|--:|",
+    ]
+    seen: set[str] = set()
+    for p in points:
+        if p["server"] != "runner" or p["scenario"] in seen or "ei_trips" not in p:
+            continue
+        seen.add(p["scenario"])
+        trips = p["ei_trips"]
+        lines.append(f"| {p['scenario']} | {len(trips)} | {sum(len(t) for t in trips)} | {apisix_side_us(trips):.0f} |")
+    lines.append("")
+    lines.append(
+        f"Estimate: {APISIX_US_PER_TRIP:g} µs per round trip + {APISIX_US_PER_EXTRA_VAR:g} µs per further variable "
+        "(measured on APISIX 3.18, one nginx worker; see shared reference runner.md §2.6)."
+    )
+    return lines
+
+
 def _floor_for(points: list[dict[str, Any]], rp: dict[str, Any], loop: str | None = None) -> dict[str, Any] | None:
     """The floor twin's point for runner point ``rp`` (same loop unless ``loop`` is given)."""
     return next(
@@ -382,6 +415,8 @@ def report(points: list[dict[str, Any]], facts: dict[str, Any], opts: Options, r
             f"| {_fmt(fp, 'server_us_per_req', '.1f')} / {_fmt(rp, 'server_us_per_req', '.1f')} "
             f"| {_flags(floor=fp, runner=rp)} |"
         )
+    lines += ["", "## ExtraInfo on APISIX's side", ""]
+    lines += _apisix_side(points)
     lines += ["", "## Targets", ""]
     lines += _targets(points)
     scaling = _scaling(points, opts)

@@ -165,6 +165,8 @@ MTLS_GUARD_POLICY = json.dumps(
     separators=(",", ":"),
 )
 _MTLS_GUARD_CONNECTIONS = (1, 8, 32, 128)
+# What a protected request asks (plugins/mtls_guard/policy.py): TLS-ness and Host need no variable.
+PROTECTED_VARS = ("ssl_client_verify", "ssl_client_escaped_cert", "ssl_server_name")
 _MTLS_GUARD_WORKERS = (1, 2)
 
 
@@ -208,21 +210,37 @@ SCENARIOS: tuple[Scenario, ...] = (
         args=(),
         vars=_mtls_guard_vars(),
         ei_trips=(),
+        # The judged path goes upstream with every request let through (SECURITY.md).
+        expect_action="rewrite",
         connections=_MTLS_GUARD_CONNECTIONS,
         workers=_MTLS_GUARD_WORKERS,
     ),
     Scenario(
         name="mtls-guard/protected",
         description=(
-            "mtls-guard, protected path: 5 variables in one pipelined ExtraInfo round trip, a verified "
+            "mtls-guard, protected path: 3 variables in one pipelined ExtraInfo round trip, a verified "
             "client certificate (parsed once, then cached), SAN checked, identity forwarded (Rewrite)"
         ),
         conf=(("mtls-guard", MTLS_GUARD_POLICY),),
         vars=_mtls_guard_vars(),
-        ei_trips=(("ssl_client_verify", "ssl_client_escaped_cert", "ssl_server_name", "host", "scheme"),),
+        ei_trips=(PROTECTED_VARS,),
         expect_action="rewrite",
         connections=_MTLS_GUARD_CONNECTIONS,
         workers=_MTLS_GUARD_WORKERS,
+    ),
+    Scenario(
+        name="mtls-guard/percent-path",
+        description=(
+            "mtls-guard, protected path holding a '%' ($uri or an encoded $upstream_uri?): the protected "
+            "variables plus upstream_uri in one round trip"
+        ),
+        conf=(("mtls-guard", MTLS_GUARD_POLICY),),
+        path="/api/v1/orders/50%",
+        vars={**_mtls_guard_vars(), "upstream_uri": ""},
+        ei_trips=((*PROTECTED_VARS, "upstream_uri"),),
+        expect_action="rewrite",
+        connections=(8,),
+        workers=(1,),
     ),
 )
 

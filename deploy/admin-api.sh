@@ -112,7 +112,7 @@ global_rule_body() {
 # billing workload's SPIFFE ID for everything else, identity headers for the upstream.
 BILLING_POLICY="$(
   cat <<EOF
-{"exempt": [{"id": "health", "path": "/healthz", "methods": ["GET", "HEAD"]}, {"id": "cors-preflight", "methods": ["OPTIONS"]}], "require": {"san": {"uri": ["$BILLING_ID"]}}, "forward": {"san": "x-client-san", "subject": "x-client-subject"}}
+{"exempt": [{"id": "health", "path": "/healthz", "methods": ["GET", "HEAD"]}, {"id": "cors-preflight", "preflight": true}], "require": {"san": {"uri": ["$BILLING_ID"]}}, "forward": {"san": "x-client-san", "subject": "x-client-subject"}}
 EOF
 )"
 

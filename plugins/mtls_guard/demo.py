@@ -31,7 +31,7 @@ BILLING = "spiffe://example.test/ns/prod/sa/billing"
 POLICY: dict[str, object] = {
     "exempt": [
         {"id": "health", "path": "/healthz|/readyz", "methods": ["GET", "HEAD"]},
-        {"id": "cors-preflight", "methods": ["OPTIONS"]},
+        {"id": "cors-preflight", "preflight": True},
     ],
     "require": {"san": {"uri": ["spiffe://example.test/ns/*/sa/billing"]}},
     "forward": {"san": "x-client-san", "fingerprint": "x-client-fingerprint"},
@@ -48,19 +48,29 @@ class Scenario:
     verify: str | None = None
     variables: dict[str, str | None] = field(default_factory=dict)
     policy: dict[str, object] = field(default_factory=lambda: POLICY)
+    headers: tuple[tuple[str, str], ...] = ()
+
+
+PREFLIGHT = (("origin", "https://app.example.test"), ("access-control-request-method", "POST"))
 
 
 def _scenarios(certs: dict[str, str]) -> list[Scenario]:
     return [
         Scenario("exempt health check, no certificate", path="/healthz"),
-        Scenario("CORS preflight, no certificate", method="OPTIONS"),
+        Scenario("CORS preflight, no certificate", method="OPTIONS", headers=PREFLIGHT),
+        Scenario(
+            "preflight + X-HTTP-Method-Override: DELETE",
+            method="OPTIONS",
+            headers=(*PREFLIGHT, ("x-http-method-override", "DELETE")),
+        ),
         Scenario("protected path, no certificate"),
         Scenario("protected path, valid certificate (billing)", cert=certs["billing"]),
         Scenario("protected path, wrong identity (frontend)", cert=certs["frontend"]),
         Scenario("untrusted CA (nginx says FAILED)", verify="FAILED:unable to verify the first certificate"),
         Scenario("expired certificate on a resumed TLS session", cert=certs["expired"]),
         Scenario("Host differs from SNI", cert=certs["billing"], variables={"ssl_server_name": "other.example.test"}),
-        Scenario("plain HTTP", cert=None, variables={"scheme": "http", "ssl_server_name": None}),
+        # Over plain HTTP nginx's ssl_* variables are "not found".
+        Scenario("plain HTTP", cert=None, variables={"ssl_client_verify": None, "ssl_server_name": None}),
         Scenario("report mode, no certificate", policy=REPORT_POLICY),
     ]
 
@@ -79,7 +89,7 @@ def _make_certs() -> dict[str, str]:
 
 
 def _variables(s: Scenario) -> dict[str, str | None]:
-    values: dict[str, str | None] = {"scheme": "https", "host": HOST, "ssl_server_name": HOST}
+    values: dict[str, str | None] = {"ssl_server_name": HOST, "upstream_uri": ""}
     if s.cert is not None:
         values["ssl_client_verify"] = "SUCCESS"
         values["ssl_client_escaped_cert"] = escaped(s.cert)
@@ -117,7 +127,7 @@ async def _play(socket_path: str, plugin: MtlsGuard, certs: dict[str, str]) -> N
                 key=f"route#{route}#ext-plugin-pre-req#1",
                 method=s.method,
                 path=s.path,
-                headers=(("host", HOST), ("x-client-san", "forged-by-client")),
+                headers=(("host", HOST), ("x_client_san", "forged-by-client"), *s.headers),
                 vars=_variables(s),
             )
             d = seen[-1]
@@ -127,6 +137,8 @@ async def _play(socket_path: str, plugin: MtlsGuard, certs: dict[str, str]) -> N
             request = f"{s.method} {s.path}"
             print(f"{number:>2}  {s.title:<46} {request:<20} {_answer(outcome):<20} {verdict}")
             if outcome.rewrite is not None:
+                if outcome.rewrite.path is not None:
+                    print(f"{'':>4}upstream path {outcome.rewrite.path} (the path judged, not the raw request-target)")
                 for name, value in outcome.rewrite.headers:
                     shown = "<removed: clients cannot spoof it>" if value is None else value[:60]
                     print(f"{'':>4}upstream header {name}: {shown}")

@@ -567,7 +567,9 @@ class TestDemoExpectations:
     def decide(self, policy: str, check: DemoCheck, certs: Path) -> dict[str, Any]:
         argv = [sys.executable, "-m", "runner", "explain", "--json", "--policy", policy]
         argv += ["--policy-file", str(CONF / "policies.yaml"), "--host", "api.example.test"]
-        argv += ["--method", check.method, "--path", check.path, "--scheme", check.scheme]
+        argv += ["--method", check.method, "--target", check.path, "--scheme", check.scheme]
+        if check.method == "OPTIONS":  # the script sends a real preflight
+            argv += ["--header", "Origin: https://app.example.test", "--header", "Access-Control-Request-Method: POST"]
         argv += ["--cert", str(certs / f"{check.cert}.crt")] if check.cert else ["--no-cert"]
         argv += ["--verify", check.verify] if check.verify else []
         result = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=ROOT)
