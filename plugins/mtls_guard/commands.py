@@ -141,6 +141,7 @@ def _explain(args: argparse.Namespace) -> int:
         path, query = args.path, ""
         target = args.path
     variables: dict[str, str | None] = {
+        "host": args.host.lower(),  # nginx's $host (APISIX routes on it)
         "ssl_server_name": (args.sni or args.host).lower() if args.scheme == "https" else None,
         "realip_remote_addr": args.peer,
         "ssl_client_verify": "NONE",

@@ -29,9 +29,10 @@ __all__ = [
     "NeedVars",
     "Reason",
     "RequestInput",
+    "host_binds",
     "is_tls",
     "sanitize_detail",
-    "sni_binds_host",
+    "sni_matches_host",
 ]
 
 MAX_DETAIL: Final = 80
@@ -40,6 +41,7 @@ VAR_ORDER: Final = (
     "ssl_client_verify",
     "ssl_client_escaped_cert",
     "ssl_server_name",
+    "host",
     "upstream_uri",
     "realip_remote_addr",
 )
@@ -164,15 +166,23 @@ def is_tls(vars: Mapping[str, str | None]) -> bool:
     return vars.get("ssl_client_verify") is not None
 
 
-def sni_binds_host(host: str | None, vars: Mapping[str, str | None]) -> bool:
-    """Whether the Host can be believed: over TLS it must name the SNI the handshake was made for.
-
-    Over plain HTTP there is nothing to bind it to, so it is taken as sent (see SECURITY.md).
-    """
+def sni_matches_host(host: str | None, vars: Mapping[str, str | None]) -> bool:
+    """Over TLS, whether the SNI the handshake was made for names the Host header (the Host the
+    upstream receives). Over plain HTTP there is nothing to compare: True (see SECURITY.md)."""
     if not is_tls(vars):
         return True
     sni = vars.get("ssl_server_name")
     return sni is not None and host is not None and normalize_host(sni) == host
+
+
+def host_binds(host: str | None, vars: Mapping[str, str | None]) -> bool:
+    """Whether a host exemption may believe the Host header: it must also be the host APISIX routed
+    on (nginx's ``$host``, which an absolute-form request line overrides: apisix/http/route.lua
+    matches ``ctx.var.host``), and over TLS the SNI must name it."""
+    routed = vars.get("host")
+    if routed is None or host is None or normalize_host(routed) != host:
+        return False
+    return sni_matches_host(host, vars)
 
 
 @dataclass(frozen=True, slots=True)
@@ -211,7 +221,7 @@ class Engine:
         path = exempt_path(raw, encoded=encoded)
         sni_binds = None
         if vars is not None and self.exempt.has_host_rules:
-            sni_binds = sni_binds_host(request.host, vars)
+            sni_binds = host_binds(request.host, vars)
         match = self.exempt.match(
             request.method.upper(),
             None if path is None else path.encode("utf-8"),
@@ -226,7 +236,8 @@ class Engine:
             # One round trip: when a host rule may still exempt, fetch its SNI along with the protected set.
             return self.need_sni_check if match.needs_sni else self.need_protected
         if match.host_refused:
-            # The Host names an exempt host, the TLS connection another: the same 421 as protected requests.
+            # The Host names an exempt host, but the connection (SNI) or the routing ($host) another: the
+            # same 421 as protected requests.
             return self._finish(Reason.HOST_MISMATCH, "host-rule", None)
         if self.header_source is not None:
             outcome = self._header_mode(self.header_source, request, vars, now, cache)
@@ -263,7 +274,7 @@ class Engine:
             return Reason.PLAIN_HTTP, "", None
         # An HTTP/2 connection coalesced onto another origin carries that origin's TLS identity;
         # 421 tells the client to retry on a fresh connection (nginx, Traefik and Caddy do the same).
-        if self.require_sni_match and not sni_binds_host(request.host, vars):
+        if self.require_sni_match and not sni_matches_host(request.host, vars):
             return Reason.HOST_MISMATCH, "", None
         verify = vars.get("ssl_client_verify")
         if not verify or verify == "NONE":

@@ -19,7 +19,7 @@ from runner.plugin import HTTPRequest
 from runner.protocol import codec
 from runner.protocol.messages import ExtraInfoQuery, Method, Pairs, Stop, VarQuery
 
-from .decision import Decision, RequestInput, sni_binds_host
+from .decision import Decision, RequestInput, host_binds
 from .matchers import DomainSet, authority_host, compile_regex
 from .paths import classify_path
 from .plugin import MtlsGuard, read_facts
@@ -139,7 +139,7 @@ def _why_not(rule: ExemptRule, facts: RequestInput, judged: str, why_ambiguous: 
         if not DomainSet.of(rule.hosts).matches(facts.host):
             return f"the Host {facts.host!r} is not one of {'|'.join(rule.hosts)}"
         if binds is False:
-            return "the Host names an exempt host but the TLS SNI is another name (421)"
+            return "the Host names an exempt host but the TLS SNI or the routed host ($host) is another name (421)"
     return ""
 
 
@@ -173,7 +173,7 @@ def explain(
     facts = replace(facts, host=authority_host(call.header("host")))
     encoded = "%" in path and bool(variables.get("upstream_uri"))
     judged, why_ambiguous = classify_path(path, encoded=encoded)
-    binds = sni_binds_host(facts.host, variables)
+    binds = host_binds(facts.host, variables)
     lines = []
     for rule in policy.config.exempt:
         reason = _why_not(rule, facts, judged, why_ambiguous, binds)

@@ -2,7 +2,8 @@
 
 Pipeline: load and merge the files (``lint_load``), validate ext-plugin configurations and policies
 (``lint_plugins``), check SSL objects and certificates (``lint_tls``), then cross-check routes against
-SNIs (``lint_coverage``). This module only wires them to the command line and renders the findings.
+SNIs (``lint_coverage``) and exemption rules against route hosts (``lint_exempt``). This module only
+wires them to the command line and renders the findings.
 
 Exit codes: 0 no errors (warnings and notes allowed), 1 at least one error, 2 unreadable input.
 """
@@ -21,6 +22,7 @@ from runner.registry import ENTRY_POINT_GROUP
 
 from .library import PolicyLibrary
 from .lint_coverage import check_coverage
+from .lint_exempt import check_exemptions
 from .lint_findings import CODES, Findings, Severity
 from .lint_load import Config, InputError, load_files
 from .lint_plugins import PluginAnalysis
@@ -68,6 +70,7 @@ def lint_files(
     )
     ssls = check_ssls(config, findings, now=now or datetime.now(UTC), warn_days=expiry_warning_days)
     check_coverage(config, findings, ssls, plugins)
+    check_exemptions(config, findings, plugins)
     return LintResult(config, findings)
 
 

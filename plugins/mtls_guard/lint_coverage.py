@@ -20,7 +20,7 @@ from .lint_regex import may_exempt_route_uri
 from .lint_tls import SslInfo
 from .trust import TrustBundle
 
-__all__ = ["check_coverage", "hosts_overlap", "route_hosts"]
+__all__ = ["check_coverage", "hosts_overlap", "redirects_to_https", "route_hosts", "route_uris"]
 
 _FIX_ATTACH: Final = (
     f"attach mtls-guard in {PRE_REQ} to this route, its plugin config or service, or (safest) to a global rule"
@@ -59,7 +59,7 @@ def route_hosts(route: Resource, config: Config) -> tuple[str, ...] | None:
     return _names(service.value) if service is not None else None
 
 
-def _route_uris(route: Resource) -> tuple[str, ...]:
+def route_uris(route: Resource) -> tuple[str, ...]:
     uris = route.value.get("uris")
     if isinstance(uris, list) and uris:
         return tuple(str(u) for u in uris)
@@ -71,7 +71,16 @@ def _exempt_somewhere(route: Resource, ssl: SslInfo) -> bool:
     """Can a request for this route match the SSL object's skip list, i.e. pass APISIX without a cert?"""
     if ssl.skip is None:
         return False
-    return ssl.skip_catch_all or any(may_exempt_route_uri(ssl.skip, uri) for uri in _route_uris(route))
+    return ssl.skip_catch_all or any(may_exempt_route_uri(ssl.skip, uri) for uri in route_uris(route))
+
+
+def redirects_to_https(route: Resource, config: Config, plugins: PluginAnalysis) -> bool:
+    """The redirect plugin (http_to_https) on the route, its plugin config, service or a global rule."""
+    for holder in (*plugins.linked(route), *config.of("global_rules")):
+        redirect = plugins_of(holder).get("redirect")
+        if isinstance(redirect, Mapping) and redirect.get("http_to_https") is True:
+            return True
+    return False
 
 
 def _serves(hosts: tuple[str, ...] | None, ssl: SslInfo) -> bool:
@@ -107,14 +116,6 @@ class _Coverage:
     def add(self, code: str, resource: Resource, message: str, fix: str) -> None:
         self.findings.add(code, resource.label, message, fix, source=resource.source, line=resource.line)
 
-    def redirects_to_https(self, route: Resource) -> bool:
-        holders = [*self.plugins.linked(route), *self.config.of("global_rules")]
-        for holder in holders:
-            redirect = plugins_of(holder).get("redirect")
-            if isinstance(redirect, Mapping) and redirect.get("http_to_https") is True:
-                return True
-        return False
-
     def route(self, route: Resource) -> None:
         self.plugins.check_shadowing(route)
         guards = self.plugins.route_guards(route)
@@ -132,7 +133,7 @@ class _Coverage:
                 _FIX_ATTACH,
             )
         client_ssls = [s for s in served if s.has_client]
-        if client_ssls and not self.redirects_to_https(route):
+        if client_ssls and not redirects_to_https(route, self.config, self.plugins):
             if guards:
                 message = (
                     "also served on APISIX's plain-HTTP port, where no certificate exists: mtls-guard denies "

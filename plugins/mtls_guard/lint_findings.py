@@ -68,6 +68,11 @@ CODES: Final[dict[str, tuple[Severity, str]]] = {
     # policy vs SSL object
     "MG050": (_E, "route CA (require.ca) shares nothing with the SNI's client.ca"),
     "MG051": (_I, "route CA relates to client.ca only through issuance (chain depth matters)"),
+    # exemption rules
+    "MG060": (_E, "host exemption in a global rule: every route is reachable without a certificate"),
+    "MG061": (_E, "host exemption on a route that also answers for hosts the rule does not exempt"),
+    "MG062": (_W, "an MG061 route is also served over plain HTTP, where no SNI binds the Host header"),
+    "MG063": (_W, "methods: [OPTIONS] exemption also exempts OPTIONS that are not CORS preflights"),
 }
 
 

@@ -223,12 +223,15 @@ class PluginAnalysis:
                 chain.append(linked)
         return chain
 
+    def own_guards(self, route: Resource) -> list[GuardUse]:
+        """mtls-guard entries of the ext-plugin-pre-req APISIX keeps for ``route`` (route > plugin config >
+        service), disabled or filtered ones included; global rules not included."""
+        winner = next((r for r in self.linked(route) if PRE_REQ in plugins_of(r)), None)
+        return list(self.pre_req.get(winner.label, [])) if winner is not None else []
+
     def route_guards(self, route: Resource) -> list[GuardUse]:
         """mtls-guard entries that run (unconditionally) for requests of ``route``, global rules included."""
-        uses: list[GuardUse] = []
-        winner = next((r for r in self.linked(route) if PRE_REQ in plugins_of(r)), None)
-        if winner is not None:
-            uses += self.pre_req.get(winner.label, [])
+        uses = self.own_guards(route)
         for rule in self.config.of("global_rules"):
             uses += self.pre_req.get(rule.label, [])
         return [u for u in uses if u.runs_always]

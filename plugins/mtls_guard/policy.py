@@ -50,8 +50,8 @@ _APISIX_VARS: Final = frozenset({"ssl_client_verify", "ssl_client_escaped_cert"}
 _SNI_VARS: Final = frozenset({"ssl_server_name"})
 # Header mode checks neither scheme nor Host/SNI (TLS ended at the front proxy): only the peer matters.
 _HEADER_VARS: Final = frozenset({"realip_remote_addr"})
-# What a host exemption needs to bind the Host header to the connection (decision.sni_binds_host).
-_HOST_RULE_VARS: Final = frozenset({"ssl_client_verify", "ssl_server_name"})
+# What a host exemption needs to bind the Host header to the routing and the connection (decision.host_binds).
+_HOST_RULE_VARS: Final = frozenset({"ssl_client_verify", "ssl_server_name", "host"})
 _PATH_ORIGIN_VARS: Final = frozenset({"upstream_uri"})
 # Method-override headers honoured by common frameworks (Express method-override, Rails, Laravel,
 # Symfony, Spring's HiddenHttpMethodFilter reads _method): folded names (schema.fold_name).

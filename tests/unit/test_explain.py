@@ -101,7 +101,7 @@ class TestExplainCommand:
         """A Host naming an exempt host over a TLS connection made for another name is 421, explained."""
         code, out = explain("--target", "/x", "--host", "docs.example.test", "--sni", "api.example.test")
         assert (code, out["status"], out["reason"]) == (1, 421, "host-mismatch")
-        assert "SNI is another name" in str(out["exemptions"][2])
+        assert "TLS SNI or the routed host" in str(out["exemptions"][2])
 
     def test_target_nginx_refuses(self) -> None:
         """A target nginx answers with 400 is reported as such, without a traceback."""

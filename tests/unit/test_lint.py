@@ -17,10 +17,12 @@ from plugins.mtls_guard.identity import load_pem
 from plugins.mtls_guard.library import PolicyLibrary
 from plugins.mtls_guard.lint import LintResult, lint_files, render_json, render_text
 from plugins.mtls_guard.lint_coverage import hosts_overlap
+from plugins.mtls_guard.lint_exempt import route_hosts_exempt, rule_may_apply
 from plugins.mtls_guard.lint_findings import CODES, Finding, Findings, Severity
-from plugins.mtls_guard.lint_load import InputError
+from plugins.mtls_guard.lint_load import InputError, Resource
 from plugins.mtls_guard.lint_regex import analyse, catch_all, may_exempt_route_uri, unmatched_example
 from plugins.mtls_guard.lint_tls import host_covers
+from plugins.mtls_guard.policy import compile_policy
 from runner.cli import main as cli_main
 from tests.certs import CertFactory, Issued
 
@@ -671,6 +673,256 @@ class TestRouteCa:
         result = lint(self.config(PKI.client_root.pem, PKI.client_issuing.pem))
         assert "MG051" in codes(result)
         assert "MG050" not in codes(result)
+
+
+# -- exemption rules: host rules against route hosts, CORS rules ------------------------------------------
+
+
+def host_rule(*hosts: str, **extra: Any) -> dict[str, Any]:
+    return {"id": "public", "hosts": list(hosts), **extra}
+
+
+def route_with_rules(*rules: dict[str, Any], **route: Any) -> dict[str, Any]:
+    """good_config() without the global guard; route 1 carries mtls-guard with ``rules`` and ``route`` keys."""
+    data = good_config()
+    data["global_rules"] = []
+    data["routes"][0] = {"id": "1", "uri": "/*", "upstream_id": "1", **route}
+    data["routes"][0]["plugins"] = pre_req(guard({"exempt": list(rules)}))
+    return data
+
+
+class TestHostExemptionHelpers:
+    @pytest.mark.parametrize(
+        ("route", "rule", "uncovered"),
+        [
+            (("www.example.com",), ("www.example.com",), []),
+            (("a.example.com",), ("*.example.com",), []),
+            (("*.example.com",), ("*.example.com",), []),
+            (("example.com",), ("*.example.com",), ["example.com"]),
+            (("a.b.example.com",), ("*.example.com",), ["a.b.example.com"]),
+            (("*.example.com",), ("www.example.com",), ["*.example.com"]),
+            (("www.example.com", "api.example.com"), ("www.example.com",), ["api.example.com"]),
+        ],
+    )
+    def test_route_hosts_the_rule_does_not_exempt(
+        self, route: tuple[str, ...], rule: tuple[str, ...], uncovered: list[str]
+    ) -> None:
+        """A route host counts as exempt when the rule's hosts match it (a route wildcard only by the same wildcard)."""
+        assert route_hosts_exempt(route, rule) == uncovered
+
+    @pytest.mark.parametrize(
+        ("rule", "route", "applies"),
+        [
+            ({"path": "/docs/.*"}, {"uri": "/docs/*"}, True),
+            ({"path": "/docs/.*"}, {"uri": "/admin/*"}, False),
+            ({"path": "/docs/.*"}, {"uri": "/docs/index.html"}, True),
+            ({"path": "/docs/.*"}, {"uri": "/admin"}, False),
+            ({"path": "/docs?/.*"}, {"uri": "/doc/*"}, True),
+            ({"path": "/docs|/admin/.*"}, {"uri": "/admin/*"}, True),
+            ({"path": "/users/[0-9]+"}, {"uri": "/users/:id"}, True),
+            ({"path": "/docs/.*"}, {}, True),
+            ({"methods": ["GET"]}, {"uri": "/*", "methods": ["POST"]}, False),
+            ({"methods": ["GET"]}, {"uri": "/*", "methods": ["get", "POST"]}, True),
+            ({"preflight": True}, {"uri": "/*", "methods": ["GET"]}, False),
+        ],
+    )
+    def test_rule_may_apply_to_route(self, rule: dict[str, Any], route: dict[str, Any], applies: bool) -> None:
+        """A rule whose path or methods no request of the route can match is ruled out; anything else may apply."""
+        (compiled,) = compile_policy({"exempt": [host_rule("www.example.com", **rule)]}).config.exempt
+        resource = Resource("routes", "1", route, "apisix.yaml")
+        assert rule_may_apply(compiled, resource) is applies
+
+
+class TestHostExemptions:
+    def test_host_rule_in_global_rule_is_an_error(self, lint: Callable[..., LintResult]) -> None:
+        """A host rule in a global rule's mtls-guard policy is MG060 on the global rule, and lint exits 1."""
+        data = good_config()
+        policy = {"exempt": [{"id": "health", "path": "/health"}, host_rule("www.example.com")]}
+        data["global_rules"][0]["plugins"] = pre_req(guard(policy))
+        result = lint(data)
+        (finding,) = found(result, "MG060")
+        assert finding.obj == "global_rules/1"
+        assert finding.severity is Severity.ERROR
+        assert "'public'" in finding.message
+        assert "www.example.com" in finding.message
+        assert result.exit_code == 1
+
+    def test_global_rule_without_host_rule_is_silent(self, lint: Callable[..., LintResult]) -> None:
+        """A global policy whose exemptions name no hosts raises no MG060."""
+        assert "MG060" not in codes(lint(good_config()))
+
+    def test_host_rule_on_route_is_not_a_global_finding(self, lint: Callable[..., LintResult]) -> None:
+        """A host rule on a route's own policy is judged per route (MG061), never as MG060."""
+        result = lint(route_with_rules(host_rule("www.example.com")))
+        assert "MG060" not in codes(result)
+        assert "MG061" in codes(result)
+
+    def test_route_without_hosts_is_an_error(self, lint: Callable[..., LintResult]) -> None:
+        """A host rule on a route without host/hosts is MG061 (error): the route answers for every name."""
+        result = lint(route_with_rules(host_rule("www.example.com")))
+        (finding,) = found(result, "MG061")
+        assert finding.obj == "routes/1"
+        assert finding.severity is Severity.ERROR
+        assert "no host/hosts" in finding.message
+        assert "split the route" in finding.fix
+        assert result.exit_code == 1
+
+    def test_route_with_other_hosts_too_is_an_error(self, lint: Callable[..., LintResult]) -> None:
+        """A route answering for the exempt host and another one is MG061 naming the host left protected."""
+        data = route_with_rules(host_rule("www.example.com"), hosts=["www.example.com", "api.example.com"])
+        (finding,) = found(lint(data), "MG061")
+        assert "also answers for api.example.com" in finding.message
+        assert "one for api.example.com" in finding.fix
+
+    def test_route_with_only_other_hosts_is_an_error(self, lint: Callable[..., LintResult]) -> None:
+        """A rule exempting none of the route's hosts is MG061: an absolute URI routes by its own host."""
+        data = route_with_rules(host_rule("www.example.com"), host="api.example.com")
+        (finding,) = found(lint(data), "MG061")
+        assert "'GET http://api.example.com/...' with 'Host: www.example.com'" in finding.message
+        assert "remove the rule" in finding.fix
+
+    @pytest.mark.parametrize(
+        ("route_hosts", "rule_hosts"),
+        [
+            (["www.example.com"], ["www.example.com"]),
+            (["www.example.com"], ["www.example.com", "docs.example.com"]),
+            (["a.example.com", "b.example.com"], ["*.example.com"]),
+            (["*.example.com"], ["*.example.com"]),
+            (["WWW.Example.com."], ["www.example.com"]),
+        ],
+    )
+    def test_route_serving_only_exempt_hosts_is_silent(
+        self, lint: Callable[..., LintResult], route_hosts: list[str], rule_hosts: list[str]
+    ) -> None:
+        """A route whose hosts are all exempt by the rule (the split-route pattern) raises neither MG061 nor MG062."""
+        result = lint(route_with_rules(host_rule(*rule_hosts), hosts=route_hosts))
+        assert not {"MG061", "MG062"} & codes(result)
+
+    def test_route_host_outside_the_rule_wildcard_is_an_error(self, lint: Callable[..., LintResult]) -> None:
+        """The rule's *.example.com does not exempt example.com itself, so a route for both is MG061."""
+        data = route_with_rules(host_rule("*.example.com"), hosts=["*.example.com", "example.com"])
+        (finding,) = found(lint(data), "MG061")
+        assert "also answers for example.com," in finding.message
+
+    @pytest.mark.parametrize("holder", ["plugin_config", "service"])
+    def test_rule_from_plugin_config_or_service_is_reported_on_the_route(
+        self, lint: Callable[..., LintResult], holder: str
+    ) -> None:
+        """A host rule reaching a route via its plugin config or service is MG061 on the route, naming the holder."""
+        data = route_with_rules(hosts=["www.example.com", "api.example.com"])
+        route = data["routes"][0]
+        del route["plugins"]
+        plugins = pre_req(guard({"exempt": [host_rule("www.example.com")]}))
+        if holder == "plugin_config":
+            data["plugin_configs"] = [{"id": "pc", "plugins": plugins}]
+            route["plugin_config_id"] = "pc"
+            label = "plugin_configs/pc"
+        else:
+            data["services"] = [{"id": "svc", "plugins": plugins}]
+            route["service_id"] = "svc"
+            label = "services/svc"
+        (finding,) = found(lint(data), "MG061")
+        assert finding.obj == "routes/1"
+        assert f"of {label}" in finding.message
+        assert label in finding.fix
+
+    def test_service_hosts_are_the_route_hosts(self, lint: Callable[..., LintResult]) -> None:
+        """A route without hosts inherits its service's; exempt service hosts make the route safe, others do not."""
+        data = route_with_rules()
+        route = data["routes"][0]
+        del route["plugins"]
+        data["services"] = [
+            {
+                "id": "svc",
+                "hosts": ["www.example.com"],
+                "plugins": pre_req(guard({"exempt": [host_rule("www.example.com")]})),
+            }
+        ]
+        route["service_id"] = "svc"
+        assert "MG061" not in codes(lint(data))
+        data["services"][0]["hosts"] = ["api.example.com"]
+        assert "MG061" in codes(lint(data))
+
+    def test_route_own_pre_req_replaces_the_service_rule(self, lint: Callable[..., LintResult]) -> None:
+        """A route whose own ext-plugin-pre-req replaces its service's host-exempting one raises no MG061."""
+        data = route_with_rules(host="api.example.com")
+        data["services"] = [{"id": "svc", "plugins": pre_req(guard({"exempt": [host_rule("www.example.com")]}))}]
+        data["routes"][0]["service_id"] = "svc"
+        assert "MG061" not in codes(lint(data))
+
+    def test_rule_that_cannot_match_the_route_is_silent(self, lint: Callable[..., LintResult]) -> None:
+        """A host rule whose path or methods no request of the route can match raises no MG061 for that route."""
+        rule = host_rule("www.example.com", path="/docs/.*")
+        assert "MG061" not in codes(lint(route_with_rules(rule, uri="/admin/*")))
+        assert "MG061" in codes(lint(route_with_rules(rule, uri="/docs/*")))
+        by_method = host_rule("www.example.com", methods=["GET"])
+        assert "MG061" not in codes(lint(route_with_rules(by_method, methods=["POST"])))
+
+    def test_disabled_route_is_ignored(self, lint: Callable[..., LintResult]) -> None:
+        """A route with status 0 is not served, so its host rule is not reported."""
+        assert "MG061" not in codes(lint(route_with_rules(host_rule("www.example.com"), status=0)))
+
+    def test_plain_http_reachable_unsafe_host_rule_warns(self, lint: Callable[..., LintResult]) -> None:
+        """An MG061 route served on the plain-HTTP port (no http_to_https redirect) also gets MG062 (warning)."""
+        result = lint(route_with_rules(host_rule("www.example.com")))
+        (finding,) = found(result, "MG062")
+        assert finding.obj == "routes/1"
+        assert finding.severity is Severity.WARNING
+        assert "no TLS SNI" in finding.message
+
+    @pytest.mark.parametrize("where", ["route", "global_rule"])
+    def test_https_redirect_silences_plain_http_warning(self, lint: Callable[..., LintResult], where: str) -> None:
+        """With http_to_https on the route or a global rule, MG062 goes away while MG061 stays."""
+        data = route_with_rules(host_rule("www.example.com"))
+        if where == "route":
+            data["routes"][0]["plugins"]["redirect"] = {"http_to_https": True}
+        else:
+            data["global_rules"] = [{"id": "tls", "plugins": {"redirect": {"http_to_https": True}}}]
+        result = lint(data)
+        assert "MG062" not in codes(result)
+        assert "MG061" in codes(result)
+
+
+class TestPreflightExemptions:
+    def test_bare_options_rule_warns(self, lint: Callable[..., LintResult]) -> None:
+        """methods: [OPTIONS] is MG063 (warning) on the holder, suggesting preflight: true; lint still exits 0."""
+        data = good_config()
+        policy = {"exempt": [{"id": "cors", "methods": ["OPTIONS"]}]}
+        data["global_rules"][0]["plugins"] = pre_req(guard(policy))
+        result = lint(data)
+        (finding,) = found(result, "MG063")
+        assert finding.obj == "global_rules/1"
+        assert finding.severity is Severity.WARNING
+        assert '"preflight": true' in finding.fix
+        assert result.exit_code == 0
+
+    @pytest.mark.parametrize(
+        "rule",
+        [
+            {"id": "cors", "preflight": True},
+            {"id": "cors", "preflight": True, "methods": ["OPTIONS"]},
+            {"id": "read", "methods": ["GET", "OPTIONS"]},
+            {"id": "health", "path": "/health", "methods": ["GET"]},
+        ],
+    )
+    def test_preflight_and_other_method_rules_are_silent(
+        self, lint: Callable[..., LintResult], rule: dict[str, Any]
+    ) -> None:
+        """A preflight rule, or a rule naming other methods besides or instead of OPTIONS, raises no MG063."""
+        data = good_config()
+        data["global_rules"][0]["plugins"] = pre_req(guard({"exempt": [rule]}))
+        assert "MG063" not in codes(lint(data))
+
+    def test_fixture_reports_every_exemption_finding(self) -> None:
+        """The host-exemptions fixture yields MG060-MG063 on exactly the objects that have the problem."""
+        result = lint_files([str(FIXTURES / "host-exemptions.yaml")], now=NOW)
+        reported = {(f.code, f.obj) for f in result.findings if f.code.startswith("MG06")}
+        assert reported == {
+            ("MG060", "global_rules/public-site"),
+            ("MG061", "routes/mixed"),
+            ("MG062", "routes/mixed"),
+            ("MG063", "routes/cors"),
+        }
 
 
 # -- SSL objects: skip regexes and certificates ---------------------------------------------------------------

@@ -98,10 +98,12 @@ def run(
 ) -> Decision:
     """Drive the two-call protocol like the adapter: first without vars, then with the requested ones.
 
-    ``variables["host"]`` stands for the Host header the call carries (the policy never asks for it).
+    ``variables["host"]`` ($host) also stands for the Host header the call carries, unless
+    ``variables["header_host"]`` gives another one (an absolute-form request line).
     """
-    if request.host is None and variables.get("host") is not None:
-        request = dataclasses.replace(request, host=authority_host(variables["host"]))
+    header_host = variables.get("header_host", variables.get("host"))
+    if request.host is None and header_host is not None:
+        request = dataclasses.replace(request, host=authority_host(header_host))
     cache = CertificateCache()
     first = policy.decide(request, None, now=now, cache=cache)
     if isinstance(first, Decision):
@@ -300,7 +302,13 @@ CASES = [
     case(
         "host-exemption-port-in-host-header",
         EXEMPTIONS,
-        tls(None, ssl_client_verify="NONE", host="docs.example.com:8443", ssl_server_name="docs.example.com"),
+        tls(
+            None,
+            ssl_client_verify="NONE",
+            host="docs.example.com",
+            header_host="docs.example.com:8443",
+            ssl_server_name="docs.example.com",
+        ),
         (Reason.EXEMPT, True, 0, "docs-host"),
         path="/docs/intro",
     ),
@@ -315,6 +323,20 @@ CASES = [
         "host-exemption-needs-the-sni-even-with-the-sni-check-off",
         {**EXEMPTIONS, "require_sni_match": False},
         tls(BILLING, host="docs.example.com"),
+        (Reason.HOST_MISMATCH, False, 421, "host-rule"),
+        path="/docs/intro",
+    ),
+    case(
+        # An absolute-form request line (GET https://api.example.com/docs/intro) makes nginx's $host, on
+        # which APISIX routes, differ from the Host header: the exemption must not believe the header.
+        "host-exemption-needs-the-routed-host-to-agree",
+        EXEMPTIONS,
+        {
+            "ssl_client_verify": "NONE",
+            "ssl_server_name": "docs.example.com",
+            "host": HOST,
+            "header_host": "docs.example.com",
+        },
         (Reason.HOST_MISMATCH, False, 421, "host-rule"),
         path="/docs/intro",
     ),
@@ -551,7 +573,7 @@ class TestVariableProtocol:
                 {"require_sni_match": False, **EXEMPTIONS},
                 "GET",
                 "/docs/a",
-                ("ssl_client_verify", "ssl_client_escaped_cert", "ssl_server_name"),
+                ("ssl_client_verify", "ssl_client_escaped_cert", "ssl_server_name", "host"),
             ),
             (
                 {"require_sni_match": False, **EXEMPTIONS},
@@ -564,13 +586,13 @@ class TestVariableProtocol:
                 {"source": {**HEADER_SOURCE, "ca": ROOT.pem}, **EXEMPTIONS},
                 "GET",
                 "/docs/a",
-                ("ssl_client_verify", "ssl_server_name", "realip_remote_addr"),
+                ("ssl_client_verify", "ssl_server_name", "host", "realip_remote_addr"),
             ),
             (
                 {"source": {**HEADER_SOURCE, "ca": ROOT.pem}, **EXEMPTIONS},
                 "POST",
                 "/docs/a",
-                ("ssl_client_verify", "ssl_server_name", "realip_remote_addr"),
+                ("ssl_client_verify", "ssl_server_name", "host", "realip_remote_addr"),
             ),
             # A "%" in the path: is it $uri (delivered by our Rewrite) or an earlier plugin's $upstream_uri?
             ({}, "GET", "/a%20b", ("ssl_client_verify", "ssl_client_escaped_cert", "ssl_server_name", "upstream_uri")),
@@ -578,7 +600,7 @@ class TestVariableProtocol:
                 {"require_sni_match": False, **EXEMPTIONS},
                 "GET",
                 "/docs/%41",
-                ("ssl_client_verify", "ssl_client_escaped_cert", "ssl_server_name", "upstream_uri"),
+                ("ssl_client_verify", "ssl_client_escaped_cert", "ssl_server_name", "host", "upstream_uri"),
             ),
         ],
     )
@@ -626,7 +648,7 @@ class TestVariableProtocol:
             {"exempt": [{"id": "h", "path": "/a", "hosts": ["x.example.com"]}, {"id": "m", "methods": ["GET"]}]}
         )
         request = RequestInput("GET", "/a", host="x.example.com")
-        over_tls = {"ssl_client_verify": "NONE", "ssl_server_name": "x.example.com"}
+        over_tls = {"ssl_client_verify": "NONE", "ssl_server_name": "x.example.com", "host": "x.example.com"}
         outcome = policy.decide(request, over_tls, now=NOW, cache=CertificateCache())
         assert isinstance(outcome, Decision)
         assert outcome.detail == "h"

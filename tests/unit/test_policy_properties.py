@@ -328,7 +328,7 @@ class TestMatcherEqualsSpecification:
         policy = compiled({"exempt": rules, "require_sni_match": False})
         request = RequestInput(method, path, host=authority_host(host))
         # Plain HTTP (no ssl_* variables): the Host header is taken as sent; the path is an encoded $upstream_uri.
-        outcome = policy.decide(request, {"upstream_uri": path}, now=NOW, cache=CACHE)
+        outcome = policy.decide(request, {"upstream_uri": path, "host": host}, now=NOW, cache=CACHE)
         expected = reference_exempt(rules, method, path or "", host) if path else ""
         assert (outcome.detail if outcome.reason is Reason.EXEMPT else "") == expected  # type: ignore[union-attr]
 

@@ -1,0 +1,212 @@
+"""Exemption rules against APISIX's routing: host rules (``exempt[].hosts``) and CORS rules.
+
+A host rule matches the request's Host header. Over HTTPS mtls-guard believes that header only when
+the TLS SNI names the same host (else 421); over plain HTTP nothing binds it, so it is taken as sent.
+Neither ties it to the *route*: APISIX picks the route by nginx's ``$host``, which is the request
+line's host when the request carries an absolute URI (``GET http://api.example.com/x``) and the Host
+header otherwise. So a host rule opens exactly the routes its policy runs on, under the exempt name,
+to any client able to send that Host header (plain HTTP: anyone; HTTPS: anyone who gets a TLS
+connection with that SNI, e.g. because the same APISIX serves a certificate for the name).
+
+It is therefore safe only on a route that APISIX serves for the exempt names alone: every request it
+exempts then asks for resources the operator chose to publish under that name. A route that also
+answers for other names (or for every name: no ``host``/``hosts``) has its protection under those
+names bypassed, and a global rule applies to every route. Checks here:
+
+* MG060: a host rule in a global rule;
+* MG061: a host rule on a route (own, plugin config or service policy) whose hosts are absent or
+  include names the rule does not exempt;
+* MG062: such a route also served over plain HTTP, where a bare Host header is enough;
+* MG063: ``methods: [OPTIONS]``, which exempts every OPTIONS, where ``preflight: true`` was meant.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator
+from typing import Final
+
+from .lint_coverage import redirects_to_https, route_hosts, route_uris
+from .lint_findings import Findings
+from .lint_load import Config, Resource
+from .lint_plugins import PRE_REQ, GuardUse, PluginAnalysis
+from .matchers import DomainSet, compile_regex
+from .schema import ExemptRule
+
+__all__ = ["check_exemptions", "route_hosts_exempt", "rule_may_apply"]
+
+_OPTIONS_ONLY: Final = frozenset({"OPTIONS"})
+_REGEX_META: Final = frozenset(".^$*+?()[]{}|\\")
+_CHANNELS: Final = (
+    "this works over plain HTTP always, and over HTTPS on a TLS connection whose SNI is that name, which "
+    "any client gets when this APISIX serves a certificate for it"
+)
+
+
+def _host_rules(uses: Iterable[GuardUse]) -> Iterator[tuple[GuardUse, ExemptRule, tuple[str, ...]]]:
+    for use in uses:
+        if use.policy is None:
+            continue
+        for rule in use.policy.config.exempt:
+            if rule.hosts is not None:
+                yield use, rule, rule.hosts
+
+
+def route_hosts_exempt(route_names: tuple[str, ...], rule_hosts: tuple[str, ...]) -> list[str]:
+    """The route's host names that the rule's hosts do not exempt (empty: the route is the rule's own).
+
+    An APISIX route host ``*.x.com`` also matches deeper names (``a.b.x.com``), which the rule's
+    one-label ``*.x.com`` does not exempt; those requests are protected (fail closed) and no route can
+    single them out, so the identical pattern counts as covered.
+    """
+    exempt = DomainSet.of(rule_hosts)
+    return [h for h in route_names if not (h in rule_hosts if h.startswith("*") else exempt.matches(h))]
+
+
+def _literal_prefix(pattern: str) -> str:
+    """What every path the (full-match, RE2) pattern accepts starts with; "" when unknown."""
+    if "|" in pattern:
+        return ""
+    end = 0
+    while end < len(pattern) and pattern[end] not in _REGEX_META:
+        end += 1
+    # "/docs?" guarantees only "/doc": a quantifier makes the last literal character optional.
+    return pattern[: end - 1] if end and pattern[end : end + 1] in ("*", "?", "{") else pattern[:end]
+
+
+def rule_may_apply(rule: ExemptRule, route: Resource) -> bool:
+    """Could some request of ``route`` match the rule's path and methods? "Yes" when unsure."""
+    methods = _OPTIONS_ONLY if rule.preflight else rule.methods
+    route_methods = route.value.get("methods")
+    if (
+        methods is not None
+        and isinstance(route_methods, list)
+        and route_methods
+        and not methods & {str(m).upper() for m in route_methods}
+    ):
+        return False
+    if rule.path is None:
+        return True
+    try:
+        regex = compile_regex(rule.path)
+    except ValueError:
+        return True  # the policy compiled, so this cannot happen; never hide a finding over it
+    literal = _literal_prefix(rule.path)
+    for uri in route_uris(route):
+        cut = min((i for i in (uri.find("*"), uri.find(":")) if i >= 0), default=-1)
+        if cut < 0:
+            if regex.fullmatch(uri.encode("utf-8")) is not None:
+                return True
+        elif literal.startswith(uri[:cut]) or uri[:cut].startswith(literal):
+            return True
+    return False
+
+
+def _sample(host: str) -> str:
+    return "a" + host[1:] if host.startswith("*") else host
+
+
+class _Exemptions:
+    def __init__(self, config: Config, findings: Findings, plugins: PluginAnalysis) -> None:
+        self.config = config
+        self.findings = findings
+        self.plugins = plugins
+
+    def add(self, code: str, resource: Resource, message: str, fix: str) -> None:
+        self.findings.add(code, resource.label, message, fix, source=resource.source, line=resource.line)
+
+    def global_rules(self) -> None:
+        for holder in self.config.of("global_rules"):
+            for use, rule, hosts in _host_rules(self.plugins.pre_req.get(holder.label, [])):
+                self.add(
+                    "MG060",
+                    holder,
+                    f"{use.where}: exempt rule {rule.id!r} exempts hosts {', '.join(hosts)} in a global rule, "
+                    "which runs for every route whatever its hosts: a client without a certificate reaches any "
+                    f"route by sending a Host header the rule names; {_CHANNELS}; routes limited to other hosts "
+                    "are no exception, since APISIX routes a request with an absolute URI by the URI's host",
+                    "remove the rule from the global policy and attach mtls-guard per route or service instead "
+                    "(every mtls-guard that runs must exempt a request, so a global one without the rule denies "
+                    "it); put the rule only on routes whose hosts are exactly those names",
+                )
+
+    def route(self, route: Resource) -> None:
+        names = route_hosts(route, self.config)
+        for use, rule, hosts in _host_rules(self.plugins.own_guards(route)):
+            if not rule_may_apply(rule, route):
+                continue
+            uncovered = route_hosts_exempt(names, hosts) if names is not None else []
+            if names is not None and not uncovered:
+                continue  # the route serves only exempt names: the operator published it under them
+            exempt = ", ".join(hosts)
+            where = use.where if use.holder.label == route.label else f"{use.where} of {use.holder.label}"
+            head = f"{where}: exempt rule {rule.id!r} exempts hosts {exempt}"
+            if names is None:
+                problem = (
+                    "but the route has no host/hosts (and no service supplies any), so APISIX serves it under every "
+                    "name: what it protects is reachable without a certificate by sending a Host header the rule names"
+                )
+                fix = f"split the route: one with hosts {exempt} carrying this rule, one for the protected names"
+            elif len(uncovered) < len(names):
+                problem = (
+                    f"but the route also answers for {', '.join(uncovered)}, which the rule does not exempt: what "
+                    "it protects under those names is reachable without a certificate by sending a Host header "
+                    "the rule names"
+                )
+                fix = f"split the route: one with hosts {exempt} carrying this rule, one for {', '.join(uncovered)}"
+            else:
+                problem = (
+                    f"but none of the route's hosts ({', '.join(names)}) is among them, and APISIX routes a request "
+                    f"with an absolute URI by the URI's host: 'GET http://{_sample(names[0])}/...' with "
+                    f"'Host: {_sample(hosts[0])}' reaches this route and is exempt"
+                )
+                fix = f"remove the rule from this route's policy and give {exempt} a route of its own carrying it"
+            fix += " (the protected route's policy without the host rule)"
+            if use.holder.label != route.label:
+                fix += (
+                    f"; {use.holder.label} applies the rule to all its routes, so the protected one needs its own "
+                    f"{PRE_REQ} (it replaces the one of its plugin config or service)"
+                )
+            self.add(
+                "MG061",
+                route,
+                f"{head}, {problem}; {_CHANNELS}. Reported as an error: the route's certificate check can be "
+                "bypassed at will",
+                fix,
+            )
+            if not redirects_to_https(route, self.config, self.plugins):
+                self.add(
+                    "MG062",
+                    route,
+                    f"{where}: this route, which exempt rule {rule.id!r} (hosts {exempt}) opens, is also served on "
+                    "APISIX's plain-HTTP port, where there is no TLS SNI to bind the Host header to: there a bare "
+                    "Host header is enough, no TLS connection or server certificate for that name is needed",
+                    "redirect plain HTTP to HTTPS (redirect plugin, http_to_https: true, on the route or a global "
+                    "rule) or disable the HTTP listener; this narrows MG061, only splitting the route fixes it",
+                )
+
+    def cors(self) -> None:
+        for uses in self.plugins.pre_req.values():
+            for use in uses:
+                if use.policy is None:
+                    continue
+                for rule in use.policy.config.exempt:
+                    if rule.methods == _OPTIONS_ONLY and not rule.preflight:
+                        self.add(
+                            "MG063",
+                            use.holder,
+                            f"{use.where}: exempt rule {rule.id!r} exempts every OPTIONS request (methods: "
+                            "[OPTIONS]), not only CORS preflights: an OPTIONS without Origin and "
+                            "Access-Control-Request-Method reaches the upstream without a certificate too, and an "
+                            "upstream that does not special-case OPTIONS runs its handler for it",
+                            'replace "methods": ["OPTIONS"] with "preflight": true, which exempts only OPTIONS '
+                            "requests carrying Origin and Access-Control-Request-Method",
+                        )
+
+
+def check_exemptions(config: Config, findings: Findings, plugins: PluginAnalysis) -> None:
+    checks = _Exemptions(config, findings, plugins)
+    checks.global_rules()
+    for route in config.of("routes"):
+        if route.value.get("status", 1) != 0:  # status 0 disables a route
+            checks.route(route)
+    checks.cors()
