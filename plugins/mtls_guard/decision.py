@@ -9,7 +9,7 @@ variable is treated as absent, never as success.
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
@@ -17,7 +17,7 @@ from typing import Final, Literal
 
 from .forwarded import parse_forwarded
 from .identity import CertificateCache, CertificateError, ClientCertificate, load_pem, unescape_nginx
-from .matchers import ExemptMatcher, SanMatcher, normalize_host
+from .matchers import ExemptMatcher, MethodTraits, SanMatcher, normalize_host, plain_method
 from .paths import exempt_path
 from .schema import HOST_MISMATCH_STATUS, HeaderSource, IPNetwork, Mode
 from .trust import TrustBundle
@@ -75,8 +75,8 @@ class RequestInput:
     # The Host header as APISIX passes it on ($upstream_host, i.e. $http_host at this phase):
     # normalised, port removed (matchers.authority_host). This is the Host the upstream receives.
     host: str | None = None
-    overridden: bool = False  # a method-override header (any spelling) or a _method argument
-    preflight: bool = False  # OPTIONS with Origin and Access-Control-Request-Method
+    # Read only when a rule naming methods could exempt the request (it costs a header scan).
+    method_traits: Callable[[], MethodTraits] = plain_method
     aliased_source: bool = False  # header mode: a certificate header sent under another spelling
 
 
@@ -227,8 +227,7 @@ class Engine:
             None if path is None else path.encode("utf-8"),
             request.host,
             sni_binds=sni_binds,
-            overridden=request.overridden,
-            preflight=request.preflight,
+            method_traits=request.method_traits,
         )
         if match.rule:
             return self.exempt_decisions[match.rule]

@@ -131,9 +131,10 @@ def _why_not(rule: ExemptRule, facts: RequestInput, judged: str, why_ambiguous: 
     if methods is not None:
         if facts.method.upper() not in methods:
             return f"the method {facts.method} is not one of {'|'.join(sorted(methods))}"
-        if facts.overridden:
+        traits = facts.method_traits()
+        if traits.overridden:
             return "a method-override header, _method argument or form body is present (another method may be acted on)"
-        if rule.preflight and not facts.preflight:
+        if rule.preflight and not traits.preflight:
             return "not a CORS preflight (OPTIONS needs Origin and Access-Control-Request-Method)"
     if rule.hosts is not None:
         if not DomainSet.of(rule.hosts).matches(facts.host):

@@ -8,10 +8,10 @@ tuple scan, and all regular expressions run on RE2 (linear time, whatever the pa
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from types import MappingProxyType
-from typing import Final, cast
+from typing import Final, NamedTuple, cast
 
 import re2
 
@@ -19,11 +19,13 @@ __all__ = [
     "APISIX_METHODS",
     "MAX_PATTERN_LENGTH",
     "NO_MATCH",
+    "PLAIN_METHOD",
     "DomainSet",
     "EmailPattern",
     "ExemptMatch",
     "ExemptMatcher",
     "ExemptRuleSpec",
+    "MethodTraits",
     "SanMatcher",
     "UriPattern",
     "authority_host",
@@ -279,6 +281,20 @@ class ExemptMatch:
 NO_MATCH: Final = ExemptMatch()
 
 
+class MethodTraits(NamedTuple):
+    """What decides whether a rule naming methods may apply (read from the request only when one could)."""
+
+    overridden: bool  # a method-override header, _method argument or form body: another method may be acted on
+    preflight: bool  # OPTIONS with Origin and Access-Control-Request-Method
+
+
+PLAIN_METHOD: Final = MethodTraits(overridden=False, preflight=False)
+
+
+def plain_method() -> MethodTraits:
+    return PLAIN_METHOD
+
+
 def compile_regex(pattern: str) -> re2._Regexp[bytes]:
     """Compile one exemption pattern; raises ValueError with RE2's message when it cannot."""
     if len(pattern) > MAX_PATTERN_LENGTH:
@@ -328,9 +344,6 @@ class ExemptMatcher:
     regexes: tuple[re2._Regexp[bytes], ...]
     path_set: re2.Set | None
     has_host_rules: bool = False
-    # Methods named by some rule: only requests with one of them need the method-override and
-    # preflight facts (which cost a header scan).
-    method_bound: frozenset[str] = frozenset()
 
     @classmethod
     def of(cls, rules: Iterable[ExemptRuleSpec]) -> ExemptMatcher:
@@ -372,7 +385,6 @@ class ExemptMatcher:
             regexes=regexes,
             path_set=path_set,
             has_host_rules=any(r.hosts is not None for r, _ in compiled),
-            method_bound=frozenset(m for _, methods in compiled if methods is not None for m in methods),
         )
 
     def match(
@@ -382,8 +394,7 @@ class ExemptMatcher:
         host: str | None,
         *,
         sni_binds: bool | None,
-        overridden: bool = False,
-        preflight: bool = False,
+        method_traits: Callable[[], MethodTraits] = plain_method,
     ) -> ExemptMatch:
         """The first rule that exempts the request, in policy order.
 
@@ -392,9 +403,9 @@ class ExemptMatcher:
         plain HTTP (nothing to bind it to) or when it equals the TLS SNI, False when it differs, None
         when not known yet; a host rule is then skipped and reported through ``needs_sni``, and a
         later rule that needs no host still exempts (the outcome cannot change, only which id is
-        reported). ``overridden``: the request carries a method-override header or ``_method``
-        argument, so a rule that names methods does not apply (the upstream may act on another
-        method). ``preflight``: an OPTIONS request with Origin and Access-Control-Request-Method.
+        reported). ``method_traits`` is called (at most once) only when a rule naming methods is a
+        candidate: an overridden method defeats such a rule (the upstream may act on another
+        method), and a preflight rule needs a real CORS preflight.
         """
         if path is None:
             return NO_MATCH
@@ -409,11 +420,13 @@ class ExemptMatcher:
                 if len(candidates) > 1:
                     candidates.sort(key=_position)
         needs_sni = host_refused = False
+        traits: MethodTraits | None = None
         for rule in candidates:
-            if rule.method_bound and overridden:
-                continue
-            if rule.preflight and not preflight:
-                continue
+            if rule.method_bound:
+                if traits is None:
+                    traits = method_traits()
+                if traits.overridden or (rule.preflight and not traits.preflight):
+                    continue
             if rule.path_index >= 0 and self.regexes[rule.path_index].fullmatch(path) is None:
                 continue
             if rule.hosts is None:

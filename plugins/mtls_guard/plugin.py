@@ -10,8 +10,9 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from functools import partial
 from typing import Any, Final
 
 from runner.errors import PluginFailure
@@ -22,7 +23,7 @@ from runner.protocol.messages import Stop
 
 from .identity import CertificateCache
 from .library import PolicyLibrary
-from .matchers import authority_host
+from .matchers import MethodTraits, authority_host
 from .policy import (
     METHOD_OVERRIDE_ARG,
     METHOD_OVERRIDE_HEADERS,
@@ -34,7 +35,7 @@ from .policy import (
 )
 from .schema import PolicyError, fold_name
 
-__all__ = ["DecisionCounter", "Judgement", "MtlsGuard", "decide_request", "read_facts"]
+__all__ = ["DecisionCounter", "Judgement", "MtlsGuard", "decide_request", "method_traits", "read_facts"]
 
 log = logging.getLogger("mtls_guard.decision")
 
@@ -61,39 +62,37 @@ class Judgement:
 _FORM_TYPES: Final = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
-def _method_overridden(call: HTTPReqCall, method: str) -> bool:
-    """A method-override header (any spelling) or ``_method`` argument, or a form body that may carry
-    ``_method`` (Rails, Laravel and Symfony read it from POST forms): the upstream may act on
-    another method than the one judged, so no rule that names methods may apply."""
-    if call.header_spellings(METHOD_OVERRIDE_HEADERS):
-        return True
-    if any(name.lower() == METHOD_OVERRIDE_ARG for name, _ in call.args):
-        return True
-    content_type = (call.header("content-type") or "").lower()
-    return method == "POST" and content_type.startswith(_FORM_TYPES)
+def method_traits(call: HTTPReqCall, method: str) -> MethodTraits:
+    """Whether the upstream may act on another method than the one judged (a method-override header in
+    any spelling, a ``_method`` argument, or a POST form body: Rails, Laravel and Symfony read
+    ``_method`` from forms), and whether the request is a real CORS preflight."""
+    overridden = bool(call.header_spellings(METHOD_OVERRIDE_HEADERS)) or any(
+        name.lower() == METHOD_OVERRIDE_ARG for name, _ in call.args
+    )
+    if not overridden and method == "POST":
+        overridden = (call.header("content-type") or "").lower().startswith(_FORM_TYPES)
+    preflight = (
+        method == "OPTIONS"
+        and call.header("origin") is not None
+        and call.header("access-control-request-method") is not None
+    )
+    return MethodTraits(overridden, preflight)
 
 
 def read_facts(policy: CompiledPolicy, request: HTTPRequest) -> tuple[RequestInput, tuple[str, ...]]:
-    """What the decision needs from the call itself, reading only what this policy uses."""
+    """What the decision needs from the call itself, reading only what this policy uses: the Host
+    only for host rules (the protected phase adds it, see decide_request), method traits only when a
+    rule naming methods could apply."""
     call = request.call
     method = request.method
     spellings = call.header_spellings(policy.strip_folded)
-    overridden = preflight = False
-    if method in policy.method_bound:
-        overridden = _method_overridden(call, method)
-        preflight = (
-            method == "OPTIONS"
-            and call.header("origin") is not None
-            and call.header("access-control-request-method") is not None
-        )
     facts = RequestInput(
         method=method,
         path=request.path,
-        host=authority_host(call.header("host")) if policy.reads_host else None,
+        host=authority_host(call.header("host")) if policy.engine.exempt.has_host_rules else None,
         # Decoding all headers is the costliest part of reading a request: header mode only.
         headers=call.headers if policy.header_mode else (),
-        overridden=overridden,
-        preflight=preflight,
+        method_traits=partial(method_traits, call, method),
         aliased_source=any(
             n.lower() not in policy.source_names and fold_name(n).encode() in policy.source_folded for n in spellings
         ),
@@ -110,6 +109,9 @@ async def decide_request(
     values: dict[str, str | None] | None = None
     outcome = policy.decide(facts, None, now=when, cache=cache)
     if isinstance(outcome, NeedVars):
+        if facts.host is None and policy.reads_host:
+            # The SNI check of a protected request compares with the Host header: read it now.
+            facts = replace(facts, host=authority_host(request.call.header("host")))
         values = await request.vars(*outcome.names)
         outcome = policy.decide(facts, values, now=when, cache=cache)
         if isinstance(outcome, NeedVars):  # the policy contract says this cannot happen: fail closed

@@ -130,11 +130,6 @@ class CompiledPolicy:
         """Whether decisions read the Host header (host rules, or the SNI check of protected requests)."""
         return self.engine.exempt.has_host_rules or (self.engine.require_sni_match and not self.header_mode)
 
-    @property
-    def method_bound(self) -> frozenset[str]:
-        """Methods some exemption names: only such requests need the method-override and preflight facts."""
-        return self.engine.exempt.method_bound
-
     def decide(
         self,
         request: RequestInput,
