@@ -7,7 +7,6 @@ from datetime import timedelta
 from pathlib import Path
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from tests.certs import CertFactory, Issued
@@ -21,7 +20,6 @@ __all__ = [
     "ClientCert",
     "Pki",
     "constrained_chains",
-    "name_constrained_ca",
 ]
 
 API_HOST = "api.example.test"
@@ -111,49 +109,6 @@ class Pki:
         return None if name is None else self.clients[name]
 
 
-def name_constrained_ca(factory: CertFactory, parent: Issued, cn: str, permitted_dns: list[str]) -> Issued:
-    """An intermediate CA under ``parent`` with a critical NameConstraints extension permitting only the
-    DNS subtrees ``permitted_dns`` (other name types unconstrained), like a CA delegated to a partner."""
-    key = factory.new_key()
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(factory.name(cn))
-        .issuer_name(parent.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(x509.random_serial_number())
-        .not_valid_before(factory.now - timedelta(days=1))
-        .not_valid_after(factory.now + timedelta(days=365))
-        .add_extension(x509.BasicConstraints(ca=True, path_length=None), critical=True)
-        .add_extension(
-            x509.KeyUsage(
-                digital_signature=True,
-                content_commitment=False,
-                key_encipherment=False,
-                data_encipherment=False,
-                key_agreement=False,
-                key_cert_sign=True,
-                crl_sign=True,
-                encipher_only=False,
-                decipher_only=False,
-            ),
-            critical=True,
-        )
-        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
-        .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(parent.key.public_key()), critical=False)
-        .add_extension(
-            x509.NameConstraints(permitted_subtrees=[x509.DNSName(d) for d in permitted_dns], excluded_subtrees=None),
-            critical=True,
-        )
-    )
-    cert = builder.sign(parent.key, hashes.SHA256())
-    pem = cert.public_bytes(serialization.Encoding.PEM).decode("ascii")
-    chain = pem + (parent.chain_pem if parent.cert.issuer != parent.cert.subject else "")
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
-    ).decode("ascii")
-    return Issued(cert=cert, key=key, pem=pem, key_pem=key_pem, chain_pem=chain)
-
-
 def constrained_chains(pki: Pki, spiffe: str = SPIFFE_PROD) -> dict[str, Issued]:
     """Client certificates whose chain (leaf + intermediates, in ``chain_pem``) tests RFC 5280 path
     constraints under ``pki.ca``, each with the SPIFFE ID ``spiffe`` so that only the chain decides:
@@ -164,7 +119,8 @@ def constrained_chains(pki: Pki, spiffe: str = SPIFFE_PROD) -> dict[str, Issued]
     ``pathlen_escape``  the same sub-CA issued another CA, which issued the leaf: pathLen 0 violated.
     """
     factory = CertFactory()
-    partner = name_constrained_ca(factory, pki.ca, "Partner Sub-CA", ["partner.example"])
+    permitted = x509.NameConstraints(permitted_subtrees=[x509.DNSName("partner.example")], excluded_subtrees=None)
+    partner = factory.ca("Partner Sub-CA", parent=pki.ca, name_constraints=permitted)
     strict = factory.ca("PathLen0 Sub-CA", parent=pki.ca, path_length=0)
     below = factory.ca("Below PathLen0 CA", parent=strict)
     return {
