@@ -7,14 +7,19 @@ Exit codes: 0 success, 1 a tool's negative verdict (invalid policy, lint errors,
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 
 from .app import EXIT_STARTUP_FAILURE, exit_now, run
+from .cpus import usable_cpus
 from .logs import configure_logging
 from .registry import PluginRegistry, RegistryError
 from .settings import SettingsError, load_settings
+
+log = logging.getLogger("mtls_guard.runner")
 
 __all__ = ["main"]
 
@@ -36,7 +41,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--log-file", help="also write log lines to this file")
     p.add_argument("--call-timeout", type=float, help="seconds a plugin chain may take (default 10)")
     p.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"))
-    p.add_argument("--workers", type=int, help="worker processes (default: number of CPUs)")
+    p.add_argument("--workers", type=int, help="worker processes (default and ceiling: the CPUs this process may use)")
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve /metrics, /healthz, /readyz (opt-in)")
     p.set_defaults(command=_run)
 
@@ -58,6 +63,11 @@ def _run(args: argparse.Namespace) -> int:
     except (SettingsError, RegistryError, OSError) as exc:
         print(f"mtls-guard: error: {exc}", file=sys.stderr)
         return EXIT_STARTUP_FAILURE
+    usable = usable_cpus()
+    if settings.workers > usable:
+        # More workers than CPUs would take turns on the same cores and serve less (runner/cpus.py).
+        log.warning("event=workers_capped requested=%d usable_cpus=%d running=%d", settings.workers, usable, usable)
+        settings = dataclasses.replace(settings, workers=usable)
     if settings.workers > 1:
         from .supervisor import Supervisor
 

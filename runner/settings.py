@@ -12,6 +12,7 @@ from typing import Any, Literal
 
 import yaml
 
+from .cpus import usable_cpus
 from .httpd import parse_host_port
 from .protocol.messages import MAX_PAYLOAD
 
@@ -47,8 +48,8 @@ class Settings:
     log_level: LogLevel = "warning"
     log_file: str | None = None
     event_loop: Literal["auto", "asyncio", "uvloop"] = "auto"
-    workers: int = field(default_factory=lambda: os.cpu_count() or 1)
-    """Worker processes sharing the socket (1 = no supervisor process)."""
+    workers: int = field(default_factory=usable_cpus)
+    """Worker processes sharing the socket (1 = no supervisor process); never more than usable CPUs."""
     metrics_addr: str | None = None
     """HOST:PORT serving /metrics, /healthz and /readyz (opt-in)."""
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)

@@ -11,7 +11,7 @@ import asyncio
 import ipaddress
 import string
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from urllib.parse import unquote_plus
 
 from runner.driver import Pending
@@ -171,7 +171,7 @@ def explain(
     decision: Decision = request.state["mtls_guard.decision"]
     rewrite = request.rewrite()
     facts, _ = read_facts(policy, HTTPRequest(call, TableChannel(variables)))
-    facts = replace(facts, host=authority_host(call.header("host")))
+    facts = facts._replace(host=authority_host(call.header("host")))
     encoded = "%" in path and bool(variables.get("upstream_uri"))
     judged, why_ambiguous = classify_path(path, encoded=encoded)
     binds = host_binds(facts.host, variables)

@@ -20,6 +20,7 @@ __all__ = [
     "MAX_PATTERN_LENGTH",
     "NO_MATCH",
     "PLAIN_METHOD",
+    "CompiledRule",
     "DomainSet",
     "EmailPattern",
     "ExemptMatch",
@@ -36,6 +37,7 @@ __all__ = [
     "parse_email_pattern",
     "parse_host_pattern",
     "parse_uri_pattern",
+    "select",
 ]
 
 # APISIX's route `methods` enum (apisix/schema_def.lua); anything else cannot reach a route anyway.
@@ -311,7 +313,7 @@ def compile_regex(pattern: str) -> re2._Regexp[bytes]:
 
 
 @dataclass(frozen=True, slots=True)
-class _Rule:
+class CompiledRule:
     position: int  # index in the policy: the first matching rule wins
     id: str
     path_index: int  # -1 = no path condition
@@ -325,8 +327,8 @@ class _Rule:
 class _MethodRules:
     """The rules that can apply to one method: path rules by pattern index, and rules without a path."""
 
-    by_path: Mapping[int, _Rule]
-    pathless: tuple[_Rule, ...]
+    by_path: Mapping[int, CompiledRule]
+    pathless: tuple[CompiledRule, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -347,7 +349,7 @@ class ExemptMatcher:
 
     @classmethod
     def of(cls, rules: Iterable[ExemptRuleSpec]) -> ExemptMatcher:
-        compiled: list[tuple[_Rule, frozenset[str] | None]] = []
+        compiled: list[tuple[CompiledRule, frozenset[str] | None]] = []
         patterns: list[str] = []
         for position, rule in enumerate(rules):
             index = -1
@@ -356,7 +358,7 @@ class ExemptMatcher:
                 patterns.append(rule.path)
             methods = frozenset({"OPTIONS"}) if rule.preflight else rule.methods
             bound = methods is not None
-            entry = _Rule(position, rule.id, index, rule.hosts, bound, rule.preflight, ExemptMatch(rule.id))
+            entry = CompiledRule(position, rule.id, index, rule.hosts, bound, rule.preflight, ExemptMatch(rule.id))
             compiled.append((entry, methods))
         regexes = tuple(compile_regex(p) for p in patterns)
         path_set: re2.Set | None = None
@@ -387,6 +389,25 @@ class ExemptMatcher:
             has_host_rules=any(r.hosts is not None for r, _ in compiled),
         )
 
+    def candidates(self, method: str, path: bytes | None) -> tuple[CompiledRule, ...]:
+        """The rules whose method and path conditions hold, in policy order (``path`` None: ambiguous,
+        no rule). This is the costly, request-independent part of matching: callers may memoise it
+        per (method, path)."""
+        if path is None:
+            return ()
+        group = self.by_method.get(method, self.other_methods)
+        found = list(group.pathless)
+        if group.by_path and self.path_set is not None:
+            # Set.Match returns a list of pattern indices (the stub says bool), or None for no match.
+            hits = cast("list[int] | None", self.path_set.Match(path))
+            if hits:
+                by_path = group.by_path
+                # A Set hit is confirmed with the rule's own regex: a disagreement can only cost an exemption.
+                found.extend(by_path[i] for i in hits if i in by_path and self.regexes[i].fullmatch(path) is not None)
+                if len(found) > 1:
+                    found.sort(key=_position)
+        return tuple(found)
+
     def match(
         self,
         method: str,
@@ -396,53 +417,48 @@ class ExemptMatcher:
         sni_binds: bool | None,
         method_traits: Callable[[], MethodTraits] = plain_method,
     ) -> ExemptMatch:
-        """The first rule that exempts the request, in policy order.
+        """The first rule that exempts the request, in policy order (``select`` over ``candidates``)."""
+        return select(self.candidates(method, path), host, sni_binds=sni_binds, method_traits=method_traits)
 
-        ``path`` None means the path is ambiguous and no rule applies. ``host`` is the Host header
-        (normalised, port removed). ``sni_binds`` says whether that Host can be believed: True over
-        plain HTTP (nothing to bind it to) or when it equals the TLS SNI, False when it differs, None
-        when not known yet; a host rule is then skipped and reported through ``needs_sni``, and a
-        later rule that needs no host still exempts (the outcome cannot change, only which id is
-        reported). ``method_traits`` is called (at most once) only when a rule naming methods is a
-        candidate: an overridden method defeats such a rule (the upstream may act on another
-        method), and a preflight rule needs a real CORS preflight.
-        """
-        if path is None:
-            return NO_MATCH
-        group = self.by_method.get(method, self.other_methods)
-        candidates = list(group.pathless)
-        if group.by_path and self.path_set is not None:
-            # Set.Match returns a list of pattern indices (the stub says bool), or None for no match.
-            hits = cast("list[int] | None", self.path_set.Match(path))
-            if hits:
-                by_path = group.by_path
-                candidates.extend(by_path[i] for i in hits if i in by_path)
-                if len(candidates) > 1:
-                    candidates.sort(key=_position)
-        needs_sni = host_refused = False
-        traits: MethodTraits | None = None
-        for rule in candidates:
-            if rule.method_bound:
-                if traits is None:
-                    traits = method_traits()
-                if traits.overridden or (rule.preflight and not traits.preflight):
-                    continue
-            if rule.path_index >= 0 and self.regexes[rule.path_index].fullmatch(path) is None:
+
+def select(
+    candidates: tuple[CompiledRule, ...],
+    host: str | None,
+    *,
+    sni_binds: bool | None,
+    method_traits: Callable[[], MethodTraits] = plain_method,
+) -> ExemptMatch:
+    """The first of ``candidates`` (ExemptMatcher.candidates) that exempts the request.
+
+    ``host`` is the Host header (normalised, port removed). ``sni_binds`` says whether that Host can
+    be believed (decision.host_binds): False when it cannot, None when not known yet; a host rule is
+    then skipped and reported through ``needs_sni``, and a later rule that needs no host still
+    exempts (the outcome cannot change, only which id is reported). ``method_traits`` is called (at
+    most once) only when a rule naming methods is a candidate: an overridden method defeats such a
+    rule (the upstream may act on another method), and a preflight rule needs a real CORS preflight.
+    """
+    needs_sni = host_refused = False
+    traits: MethodTraits | None = None
+    for rule in candidates:
+        if rule.method_bound:
+            if traits is None:
+                traits = method_traits()
+            if traits.overridden or (rule.preflight and not traits.preflight):
                 continue
-            if rule.hosts is None:
-                return rule.matched
-            if not rule.hosts.matches(host):
-                continue
-            if sni_binds is None:
-                needs_sni = True
-            elif sni_binds:
-                return rule.matched
-            else:
-                host_refused = True
-        if needs_sni or host_refused:
-            return ExemptMatch("", needs_sni, host_refused)
-        return NO_MATCH
+        if rule.hosts is None:
+            return rule.matched
+        if not rule.hosts.matches(host):
+            continue
+        if sni_binds is None:
+            needs_sni = True
+        elif sni_binds:
+            return rule.matched
+        else:
+            host_refused = True
+    if needs_sni or host_refused:
+        return ExemptMatch("", needs_sni, host_refused)
+    return NO_MATCH
 
 
-def _position(rule: _Rule) -> int:
+def _position(rule: CompiledRule) -> int:
     return rule.position

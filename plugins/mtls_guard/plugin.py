@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from functools import partial
-from typing import Any, Final
+from typing import Any, Final, NamedTuple
 
 from runner.errors import PluginFailure
 from runner.metrics import CounterSnapshot
@@ -49,8 +48,7 @@ class DecisionCounter(Counter[tuple[str, str, str]]):
         self[(decision.verdict, str(decision.reason), str(decision.mode))] += 1
 
 
-@dataclass(frozen=True, slots=True)
-class Judgement:
+class Judgement(NamedTuple):
     """One request as judged: the facts read from the call, the decision, and what delivery needs."""
 
     facts: RequestInput
@@ -111,7 +109,7 @@ async def decide_request(
     if isinstance(outcome, NeedVars):
         if facts.host is None and policy.reads_host:
             # The SNI check of a protected request compares with the Host header: read it now.
-            facts = replace(facts, host=authority_host(request.call.header("host")))
+            facts = facts._replace(host=authority_host(request.call.header("host")))
         values = await request.vars(*outcome.names)
         outcome = policy.decide(facts, values, now=when, cache=cache)
         if isinstance(outcome, NeedVars):  # the policy contract says this cannot happen: fail closed

@@ -44,6 +44,7 @@ __all__ = [
 ]
 
 REASON_HEADER: Final = "x-mtls-guard-reason"
+FORWARD_MEMO_ENTRIES: Final = 1024
 # TLS or not follows from ssl_client_verify (decision.is_tls) and the Host comes with the call itself
 # (decision.RequestInput.host), so neither "scheme" nor "host" is ever asked: at most three variables.
 _APISIX_VARS: Final = frozenset({"ssl_client_verify", "ssl_client_escaped_cert"})
@@ -116,6 +117,10 @@ class CompiledPolicy:
     # them: folded once here (codec.fold_header_name), looked up per request by HTTPReqCall.header_spellings.
     strip_folded: frozenset[bytes] = field(init=False)
     source_folded: frozenset[bytes] = field(init=False)
+    # Certificate fingerprint -> its rendered identity headers (upstream_headers); a bounded cache.
+    forward_memo: dict[str, tuple[tuple[str, str | None], ...]] = field(
+        default_factory=dict, init=False, compare=False, repr=False
+    )
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "strip_folded", _folded(self.forward_names | self.source_names))
@@ -160,19 +165,31 @@ class CompiledPolicy:
         with a certificate: in report mode a certificate that failed the checks is let through but
         never vouched for.
         """
-        changes: list[tuple[str, str | None]] = [(name, None) for name in present]
+        deletions = tuple((name, None) for name in present)
         cert = decision.identity
-        if decision.verdict == "allow" and decision.allowed and cert is not None:
-            fwd = self.config.forward
-            if fwd.subject:
-                changes.append((fwd.subject, cert.subject.rfc4514(ascii_only=True)))
-            if fwd.san:
-                changes.append((fwd.san, san_header_value(cert)))
-            if fwd.fingerprint:
-                changes.append((fwd.fingerprint, cert.fingerprint_sha256))
-            if fwd.xfcc:
-                changes.append((fwd.xfcc, build_xfcc(cert)))
-        return tuple(changes)
+        if decision.verdict != "allow" or not decision.allowed or cert is None or not self.forward_names:
+            return deletions
+        # Rendering DNs and SAN lists is the costliest part of a verified request: once per certificate.
+        identity = self.forward_memo.get(cert.fingerprint_sha256)
+        if identity is None:
+            identity = self._identity_headers(cert)
+            if len(self.forward_memo) >= FORWARD_MEMO_ENTRIES:
+                self.forward_memo.clear()
+            self.forward_memo[cert.fingerprint_sha256] = identity
+        return deletions + identity
+
+    def _identity_headers(self, cert: ClientCertificate) -> tuple[tuple[str, str | None], ...]:
+        fwd = self.config.forward
+        headers: list[tuple[str, str | None]] = []
+        if fwd.subject:
+            headers.append((fwd.subject, cert.subject.rfc4514(ascii_only=True)))
+        if fwd.san:
+            headers.append((fwd.san, san_header_value(cert)))
+        if fwd.fingerprint:
+            headers.append((fwd.fingerprint, cert.fingerprint_sha256))
+        if fwd.xfcc:
+            headers.append((fwd.xfcc, build_xfcc(cert)))
+        return tuple(headers)
 
     def describe(self) -> str:
         """Human-readable explanation of the policy (``mtls-guard check``)."""

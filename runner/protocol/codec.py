@@ -263,7 +263,7 @@ class _CallView:
     absent): absolute positions are computed only for the fields a plugin actually reads.
     """
 
-    __slots__ = ("_buf", "_conf_token", "_fields", "_headers", "_id", "_pos")
+    __slots__ = ("_buf", "_conf_token", "_fields", "_folded", "_headers", "_id", "_pos")
     _HEADERS_SLOT = 0
     # Set by each subclass's __init__.
     _buf: bytes
@@ -272,6 +272,7 @@ class _CallView:
     _id: int
     _conf_token: int
     _headers: Pairs | None
+    _folded: bytes | None  # the frame as fold_header_name reads it, made on the first header_spellings
 
     @property
     def id(self) -> int:
@@ -314,10 +315,13 @@ class _CallView:
         f = self._fields[self._HEADERS_SLOT]
         if not f or not folded:
             return ()
-        haystack = fold_header_name(self._buf)
-        if not any(name in haystack for name in folded):
-            return ()
-        return _flat.names_folding_to(self._buf, self._pos + f, folded)
+        haystack = self._folded
+        if haystack is None:
+            haystack = self._folded = fold_header_name(self._buf)
+        for name in folded:
+            if name in haystack:
+                return _flat.names_folding_to(self._buf, self._pos + f, folded)
+        return ()
 
 
 class HTTPReqCall(_CallView):
@@ -341,6 +345,7 @@ class HTTPReqCall(_CallView):
         self._id = _U32(buf, pos + f[0])[0] if f[0] else 0
         self._conf_token = _U32(buf, pos + f[6])[0] if f[6] else 0
         self._headers = None
+        self._folded = None
         self._method: int = buf[pos + f[2]] if f[2] else 0
         if self._method >= len(METHOD_NAMES):
             raise DecodeError(f"unknown method {self._method}")
@@ -400,6 +405,7 @@ class HTTPRespCall(_CallView):
         self._id = _U32(buf, pos + f[0])[0] if f[0] else 0
         self._conf_token = _U32(buf, pos + f[3])[0] if f[3] else 0
         self._headers = None
+        self._folded = None
         self._status: int = _U16(buf, pos + f[1])[0] if f[1] else 0
 
     @property
@@ -491,17 +497,46 @@ def http_req_call_reply_frame(reply: HTTPReqCallReply) -> bytes:
     return http_req_call_action_frame(reply.id, reply.action)
 
 
-def http_req_call_action_frame(call_id: int, action: Stop | Rewrite | None) -> bytes:
-    """``http_req_call_reply_frame(HTTPReqCallReply(call_id, action))`` without building the reply
-    object (the runner's path: one reply per request)."""
-    rid = check_uint(call_id, 32, "id")
-    if action is None:
-        return _REQ_REPLY_HEAD + _PACK_U32(rid)
+# The reply's id sits at a fixed place for every action: after the frame header, the root offset and the
+# root vtable, at the id slot's offset in the root table (the layout put_object computes for these fields).
+_ACTION_LAYOUT: Final = _flat.layout(((0, 4), (1, 1), (2, 4)))
+_ACTION_ID_AT: Final = 8 + len(_ACTION_LAYOUT.vtable) + _ACTION_LAYOUT.offsets[0]
+_ACTION_CACHE_SIZE: Final = 2048
+_ACTION_CACHE_MAX_FRAME: Final = 4096
+_action_frames: dict[Stop | Rewrite, bytes] = {}
+
+
+def _action_template(action: Stop | Rewrite) -> bytes:
     if isinstance(action, Stop):
         kind, put = ACTION_STOP, partial(_put_stop, action)
     else:
         kind, put = ACTION_REWRITE, partial(_put_rewrite, action)
-    return build_frame(RPCType.HTTP_REQ_CALL, [(0, 4, rid), (1, 1, kind)], [(2, put)])
+    return build_frame(RPCType.HTTP_REQ_CALL, [(0, 4, 0), (1, 1, kind)], [(2, put)])
+
+
+def http_req_call_action_frame(call_id: int, action: Stop | Rewrite | None) -> bytes:
+    """``http_req_call_reply_frame(HTTPReqCallReply(call_id, action))`` without building the reply
+    object (the runner's path: one reply per request).
+
+    Replies repeat (the same Stop for every denied request of a route, the same Rewrite for every
+    request to a health check), so the frame of an action is built once with id 0 and reused with the
+    id written in; small frames only, and the cache is cleared when full.
+    """
+    rid = _PACK_U32(check_uint(call_id, 32, "id"))
+    if action is None:
+        return _REQ_REPLY_HEAD + rid
+    try:
+        template = _action_frames.get(action)
+    except TypeError:  # a plugin built its action from lists or a bytearray: not cacheable, still valid
+        template = _action_template(action)
+    else:
+        if template is None:
+            template = _action_template(action)
+            if len(template) <= _ACTION_CACHE_MAX_FRAME:
+                if len(_action_frames) >= _ACTION_CACHE_SIZE:
+                    _action_frames.clear()
+                _action_frames[action] = template
+    return template[:_ACTION_ID_AT] + rid + template[_ACTION_ID_AT + 4 :]
 
 
 def http_resp_call_reply_frame(reply: HTTPRespCallReply) -> bytes:

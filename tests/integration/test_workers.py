@@ -132,3 +132,20 @@ class TestWorkers:
         for probe in ("healthz", "readyz"):
             with urllib.request.urlopen(f"{base}/{probe}", timeout=5) as response:
                 assert response.status == 200
+
+
+class TestUsableCpus:
+    def test_workers_never_outnumber_usable_cpus(self, spawn: Spawn, sock_path: str) -> None:
+        """With one usable CPU, `--workers 2` runs a single process and says so in one warning line."""
+        cpus = os.sched_getaffinity(0)
+        os.sched_setaffinity(0, {min(cpus)})  # the runner inherits this mask, as under `taskset -c`
+        try:
+            runner = spawn(apisix_env(sock_path), "--workers", "2")
+        finally:
+            os.sched_setaffinity(0, cpus)
+        wait_ready(runner, sock_path)
+        assert _children(runner.proc.pid) == []
+        deadline = time.monotonic() + 5
+        while "event=workers_capped" not in runner.stdout + runner.stderr and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "event=workers_capped requested=2 usable_cpus=1 running=1" in runner.stdout + runner.stderr

@@ -103,7 +103,7 @@ def run(
     """
     header_host = variables.get("header_host", variables.get("host"))
     if request.host is None and header_host is not None:
-        request = dataclasses.replace(request, host=authority_host(header_host))
+        request = request._replace(host=authority_host(header_host))
     cache = CertificateCache()
     first = policy.decide(request, None, now=now, cache=cache)
     if isinstance(first, Decision):
