@@ -1,12 +1,11 @@
 """Exemption rules against APISIX's routing: host rules (``exempt[].hosts``) and CORS rules.
 
-A host rule matches the request's Host header. Over HTTPS mtls-guard believes that header only when
-the TLS SNI names the same host (else 421); over plain HTTP nothing binds it, so it is taken as sent.
-Neither ties it to the *route*: APISIX picks the route by nginx's ``$host``, which is the request
-line's host when the request carries an absolute URI (``GET http://api.example.com/x``) and the Host
-header otherwise. So a host rule opens exactly the routes its policy runs on, under the exempt name,
-to any client able to send that Host header (plain HTTP: anyone; HTTPS: anyone who gets a TLS
-connection with that SNI, e.g. because the same APISIX serves a certificate for the name).
+A host rule matches the request's Host header. mtls-guard believes that header only when it is also
+the host APISIX routed on (nginx's ``$host``, which an absolute URI in the request line overrides) and,
+over HTTPS, the TLS SNI names the same host (else 421); over plain HTTP nothing binds it to TLS. So a
+host rule opens exactly the routes its policy runs on that APISIX serves under the exempt name, to
+any client able to send that Host header (plain HTTP: anyone; HTTPS: anyone who gets a TLS connection
+with that SNI, e.g. because the same APISIX serves a certificate for the name).
 
 It is therefore safe only on a route that APISIX serves for the exempt names alone: every request it
 exempts then asks for resources the operator chose to publish under that name. A route that also
@@ -17,18 +16,20 @@ names bypassed, and a global rule applies to every route. Checks here:
 * MG061: a host rule on a route (own, plugin config or service policy) whose hosts are absent or
   include names the rule does not exempt;
 * MG062: such a route also served over plain HTTP, where a bare Host header is enough;
-* MG063: ``methods: [OPTIONS]``, which exempts every OPTIONS, where ``preflight: true`` was meant.
+* MG063: ``methods: [OPTIONS]``, which exempts every OPTIONS, where ``preflight: true`` was meant;
+* MG064: proxy-rewrite ``use_real_request_uri_unsafe`` on a guarded route: it replaces the path
+  mtls-guard judged and delivers with the raw request-target.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import Final
 
 from .lint_coverage import redirects_to_https, route_hosts, route_uris
 from .lint_findings import Findings
 from .lint_load import Config, Resource
-from .lint_plugins import PRE_REQ, GuardUse, PluginAnalysis
+from .lint_plugins import PRE_REQ, GuardUse, PluginAnalysis, plugins_of
 from .matchers import DomainSet, compile_regex
 from .schema import ExemptRule
 
@@ -101,10 +102,6 @@ def rule_may_apply(rule: ExemptRule, route: Resource) -> bool:
     return False
 
 
-def _sample(host: str) -> str:
-    return "a" + host[1:] if host.startswith("*") else host
-
-
 class _Exemptions:
     def __init__(self, config: Config, findings: Findings, plugins: PluginAnalysis) -> None:
         self.config = config
@@ -122,8 +119,8 @@ class _Exemptions:
                     holder,
                     f"{use.where}: exempt rule {rule.id!r} exempts hosts {', '.join(hosts)} in a global rule, "
                     "which runs for every route whatever its hosts: a client without a certificate reaches any "
-                    f"route by sending a Host header the rule names; {_CHANNELS}; routes limited to other hosts "
-                    "are no exception, since APISIX routes a request with an absolute URI by the URI's host",
+                    f"route APISIX serves under that name (every route without host/hosts) by sending a Host header "
+                    f"the rule names; {_CHANNELS}",
                     "remove the rule from the global policy and attach mtls-guard per route or service instead "
                     "(every mtls-guard that runs must exempt a request, so a global one without the rule denies "
                     "it); put the rule only on routes whose hosts are exactly those names",
@@ -137,6 +134,10 @@ class _Exemptions:
             uncovered = route_hosts_exempt(names, hosts) if names is not None else []
             if names is not None and not uncovered:
                 continue  # the route serves only exempt names: the operator published it under them
+            if names is not None and len(uncovered) == len(names):
+                # None of the route's names is exempt: the rule needs Host == $host, and $host is one of
+                # the route's names, so it never applies here (dead, not a bypass).
+                continue
             exempt = ", ".join(hosts)
             where = use.where if use.holder.label == route.label else f"{use.where} of {use.holder.label}"
             head = f"{where}: exempt rule {rule.id!r} exempts hosts {exempt}"
@@ -146,20 +147,13 @@ class _Exemptions:
                     "name: what it protects is reachable without a certificate by sending a Host header the rule names"
                 )
                 fix = f"split the route: one with hosts {exempt} carrying this rule, one for the protected names"
-            elif len(uncovered) < len(names):
+            else:
                 problem = (
                     f"but the route also answers for {', '.join(uncovered)}, which the rule does not exempt: what "
                     "it protects under those names is reachable without a certificate by sending a Host header "
                     "the rule names"
                 )
                 fix = f"split the route: one with hosts {exempt} carrying this rule, one for {', '.join(uncovered)}"
-            else:
-                problem = (
-                    f"but none of the route's hosts ({', '.join(names)}) is among them, and APISIX routes a request "
-                    f"with an absolute URI by the URI's host: 'GET http://{_sample(names[0])}/...' with "
-                    f"'Host: {_sample(hosts[0])}' reaches this route and is exempt"
-                )
-                fix = f"remove the rule from this route's policy and give {exempt} a route of its own carrying it"
             fix += " (the protected route's policy without the host rule)"
             if use.holder.label != route.label:
                 fix += (
@@ -202,6 +196,25 @@ class _Exemptions:
                             "requests carrying Origin and Access-Control-Request-Method",
                         )
 
+    def raw_delivery(self, route: Resource) -> None:
+        """MG064: proxy-rewrite's use_real_request_uri_unsafe sends the client's raw request-target after
+        mtls-guard judged (and delivered) nginx's decoded $uri: the two can name different resources."""
+        if not self.plugins.route_guards(route):
+            return
+        for holder in (*self.plugins.linked(route), *self.config.of("global_rules")):
+            rewrite = plugins_of(holder).get("proxy-rewrite")
+            if isinstance(rewrite, Mapping) and rewrite.get("use_real_request_uri_unsafe") is True:
+                where = "" if holder.label == route.label else f" (from {holder.label})"
+                self.add(
+                    "MG064",
+                    route,
+                    f"proxy-rewrite use_real_request_uri_unsafe{where} runs after mtls-guard and proxies the "
+                    "client's raw request-target instead of the path mtls-guard judged: '/admin/..%2Fpublic/x' "
+                    "is judged as /public/x and delivered raw, which many frameworks serve from /admin",
+                    "remove use_real_request_uri_unsafe (or set uri/regex_uri, which derive from the judged $uri)",
+                )
+                return
+
 
 def check_exemptions(config: Config, findings: Findings, plugins: PluginAnalysis) -> None:
     checks = _Exemptions(config, findings, plugins)
@@ -209,4 +222,5 @@ def check_exemptions(config: Config, findings: Findings, plugins: PluginAnalysis
     for route in config.of("routes"):
         if route.value.get("status", 1) != 0:  # status 0 disables a route
             checks.route(route)
+            checks.raw_delivery(route)
     checks.cors()

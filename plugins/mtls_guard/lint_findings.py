@@ -73,6 +73,7 @@ CODES: Final[dict[str, tuple[Severity, str]]] = {
     "MG061": (_E, "host exemption on a route that also answers for hosts the rule does not exempt"),
     "MG062": (_W, "an MG061 route is also served over plain HTTP, where no SNI binds the Host header"),
     "MG063": (_W, "methods: [OPTIONS] exemption also exempts OPTIONS that are not CORS preflights"),
+    "MG064": (_E, "proxy-rewrite use_real_request_uri_unsafe delivers another path than mtls-guard judged"),
 }
 
 

@@ -774,12 +774,10 @@ class TestHostExemptions:
         assert "also answers for api.example.com" in finding.message
         assert "one for api.example.com" in finding.fix
 
-    def test_route_with_only_other_hosts_is_an_error(self, lint: Callable[..., LintResult]) -> None:
-        """A rule exempting none of the route's hosts is MG061: an absolute URI routes by its own host."""
+    def test_route_with_only_other_hosts_is_silent(self, lint: Callable[..., LintResult]) -> None:
+        """A rule exempting none of the route's hosts never applies there (mtls-guard needs Host == $host)."""
         data = route_with_rules(host_rule("www.example.com"), host="api.example.com")
-        (finding,) = found(lint(data), "MG061")
-        assert "'GET http://api.example.com/...' with 'Host: www.example.com'" in finding.message
-        assert "remove the rule" in finding.fix
+        assert not {"MG061", "MG062"} & codes(lint(data))
 
     @pytest.mark.parametrize(
         ("route_hosts", "rule_hosts"),
@@ -840,7 +838,7 @@ class TestHostExemptions:
         ]
         route["service_id"] = "svc"
         assert "MG061" not in codes(lint(data))
-        data["services"][0]["hosts"] = ["api.example.com"]
+        data["services"][0]["hosts"] = ["api.example.com", "www.example.com"]
         assert "MG061" in codes(lint(data))
 
     def test_route_own_pre_req_replaces_the_service_rule(self, lint: Callable[..., LintResult]) -> None:
@@ -1110,3 +1108,26 @@ class TestCommandLine:
         result = lint_files([write(data)], now=NOW)
         text_lines = render_text(result).splitlines()[:-1]
         assert len(text_lines) == len(json.loads(render_json(result))["findings"]) == len(result.findings)
+
+
+class TestRawDelivery:
+    def test_raw_request_uri_on_a_guarded_route_is_an_error(self, lint: Callable[..., LintResult]) -> None:
+        """proxy-rewrite use_real_request_uri_unsafe on a guarded route is MG064: the judged path is replaced."""
+        data = route_with_rules({"path": "/public/.*"})
+        data["routes"][0]["plugins"]["proxy-rewrite"] = {"use_real_request_uri_unsafe": True}
+        (finding,) = found(lint(data), "MG064")
+        assert "raw request-target" in finding.message
+
+    def test_raw_request_uri_from_the_service_counts(self, lint: Callable[..., LintResult]) -> None:
+        """The setting in the route's service is found too, and named."""
+        data = route_with_rules({"path": "/public/.*"})
+        data["services"] = [{"id": "svc", "plugins": {"proxy-rewrite": {"use_real_request_uri_unsafe": True}}}]
+        data["routes"][0]["service_id"] = "svc"
+        (finding,) = found(lint(data), "MG064")
+        assert "from service" in finding.message
+
+    def test_uri_rewrite_is_fine(self, lint: Callable[..., LintResult]) -> None:
+        """A proxy-rewrite uri (derived from the judged $uri) raises no MG064."""
+        data = route_with_rules({"path": "/public/.*"})
+        data["routes"][0]["plugins"]["proxy-rewrite"] = {"uri": "/v2$uri"}
+        assert "MG064" not in codes(lint(data))
