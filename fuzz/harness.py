@@ -287,6 +287,18 @@ def _header_lookup_agrees(view: codec.HTTPReqCall | codec.HTTPRespCall, headers:
             continue
         expected = next((v for n, v in headers if n.encode("utf-8", "surrogateescape").lower() == wanted), None)
         _require(got == expected, f"header({name!r}) = {got!r}, but the decoded headers say {expected!r}")
+    # header_spellings: every name (as sent) that folds ('_' = '-', ASCII case) into the set, once each.
+    folded = frozenset(
+        codec.fold_header_name(n.encode("utf-8", "surrogateescape"))
+        for n in (*names[:4], "x-client-subject", "X_Forwarded-Client-Cert")
+        if n and n.isascii()
+    )
+    got_spellings = _attempt(view.header_spellings, folded)
+    _require(got_spellings is not _FAILED, "header_spellings raised although headers decoded")
+    wanted_spellings = tuple(
+        dict.fromkeys(n for n, _ in headers if codec.fold_header_name(n.encode("utf-8", "surrogateescape")) in folded)
+    )
+    _require(got_spellings == wanted_spellings, f"header_spellings = {got_spellings!r}, expected {wanted_spellings!r}")
 
 
 def _check_decoded_size(payload: bytes, *texts: Any) -> None:
