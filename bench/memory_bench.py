@@ -27,7 +27,9 @@ from plugins.mtls_guard.devcerts import CertFactory, escaped
 from runner.testing import FakeApisix, conf
 
 HOST = "api.example.test"
-BASE_VARS = {"scheme": "https", "host": HOST, "ssl_server_name": HOST}
+BASE_VARS = {"ssl_server_name": HOST}
+# mtls-guard compares the SNI with the Host header the call carries (APISIX sends $upstream_host).
+HOST_HEADER = (("host", HOST),)
 
 
 def _policy(i: int) -> str:
@@ -64,6 +66,7 @@ async def _round(path: str, start: int, routes: int, certs: list[str], connectio
                 conf(("mtls-guard", _policy(i))),
                 key=f"route#{i}#ext-plugin-pre-req#1",
                 path="/api",
+                headers=HOST_HEADER,
                 vars={"ssl_client_verify": "NONE"},
             )
             denied += outcome.client_status == 403
@@ -77,6 +80,7 @@ async def _round(path: str, start: int, routes: int, certs: list[str], connectio
                 conf(("mtls-guard", _policy(route))),
                 key=f"route#{route}#ext-plugin-pre-req#1",
                 path="/api",
+                headers=HOST_HEADER,
                 vars={"ssl_client_verify": "SUCCESS", "ssl_client_escaped_cert": certs[j]},
             )
             allowed += outcome.kind in ("pass", "rewrite")
@@ -139,6 +143,9 @@ def main() -> int:
             label = f"round {r + 1}: +{args.routes} routes, +{args.certs} certs"
             rss = ", ".join(f"{_rss_kib(p) / 1024:.1f}" for p in pids)
             print(f"{label:<32} {rss:<28} {denied:>7} {allowed:>8} {time.monotonic() - started:>8.1f}")
+            if (denied, allowed) != (args.routes, args.certs):
+                # Memory of a runner that answers wrongly measures nothing: stop loudly.
+                raise SystemExit(f"expected {args.routes} denied and {args.certs} allowed requests")
     finally:
         stopping = time.monotonic()
         proc.send_signal(signal.SIGTERM)
