@@ -11,6 +11,7 @@ unaligned data correctly, so the check would cost time without protecting anythi
 from __future__ import annotations
 
 import struct
+from collections.abc import Iterator
 from functools import cache
 from typing import Final
 
@@ -306,16 +307,12 @@ def text_entries(buf: bytes, field: int, errors: str = "surrogateescape") -> Pai
     return tuple(out)
 
 
-def find_entry(buf: bytes, field: int, wanted: bytes) -> str | None:
-    """Value of the first TextEntry whose name equals ``wanted`` (ASCII case-insensitive), or None.
-
-    Reads only names until it finds a match, so one lookup costs much less than
-    :func:`text_entries`; entries after the match are not validated. The checks of :func:`_entry`
-    and :func:`_span` are inlined (this runs for the Host header of every protected request).
-    """
+def _names(buf: bytes, field: int) -> Iterator[tuple[int, int, int, int]]:
+    """(table, value field offset or 0, name start, name end) of each TextEntry of the vector at
+    ``field``, in order, with :func:`_entry` and :func:`_span`'s checks inlined (a generator step is
+    cheaper than those two calls per entry, and the lookups below run on every request)."""
     first, count = _vector(buf, field, 4)
     shapes: _Shapes = {}
-    size = len(wanted)
     n = len(buf)
     u32, i32 = _U32, _I32
     slot = first
@@ -338,11 +335,22 @@ def find_entry(buf: bytes, field: int, wanted: bytes) -> str | None:
         end = start + u32(buf, start - 4)[0]
         if end >= n or buf[end]:
             raise DecodeError("truncated string")
+        yield t, value_off, start, end
+
+
+def find_entry(buf: bytes, field: int, wanted: bytes) -> str | None:
+    """Value of the first TextEntry whose name equals ``wanted`` (ASCII case-insensitive), or None.
+
+    Reads only names until it finds a match, so one lookup costs much less than
+    :func:`text_entries`; entries after the match are not validated.
+    """
+    size = len(wanted)
+    for t, value_off, start, end in _names(buf, field):
         if end - start == size and buf[start:end].lower() == wanted:
             if not value_off:
                 return None
-            start, end = _span(buf, t + value_off)
-            return buf[start:end].decode("utf-8", "surrogateescape")
+            value_start, value_end = _span(buf, t + value_off)
+            return buf[value_start:value_end].decode("utf-8", "surrogateescape")
     return None
 
 
@@ -360,15 +368,9 @@ def names_folding_to(buf: bytes, field: int, folded: frozenset[bytes]) -> tuple[
 
     Reads names only (values are never decoded); a name that occurs several times is listed once.
     """
-    first, count = _vector(buf, field, 4)
-    shapes: _Shapes = {}
     found: list[str] = []
     budget = len(buf)  # entries sharing one huge name must not cost more than the frame (text_entries)
-    slot = first
-    for rel in _unpack_u32s(buf, first, count):
-        name_field, _ = _entry(buf, slot + rel, shapes)
-        slot += 4
-        start, end = _span(buf, name_field)
+    for _, _, start, end in _names(buf, field):
         budget -= end - start
         if budget < 0:
             raise DecodeError("entries share strings: decoded text larger than the frame")
