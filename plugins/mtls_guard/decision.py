@@ -15,9 +15,10 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Final, Literal, NamedTuple
 
+from .exemptions import CompiledRule, ExemptMatcher, MethodTraits, plain_method, select
 from .forwarded import parse_forwarded
 from .identity import CertificateCache, CertificateError, ClientCertificate, load_pem, unescape_nginx
-from .matchers import CompiledRule, ExemptMatcher, MethodTraits, SanMatcher, normalize_host, plain_method, select
+from .matchers import SanMatcher, normalize_host
 from .paths import exempt_path
 from .schema import HOST_MISMATCH_STATUS, HeaderSource, IPNetwork, Mode
 from .trust import TrustBundle

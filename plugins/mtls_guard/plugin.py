@@ -20,9 +20,10 @@ from runner.plugin import BasePlugin, HTTPRequest, HTTPResponse
 from runner.protocol.codec import HTTPReqCall
 from runner.protocol.messages import Stop
 
+from .exemptions import MethodTraits
 from .identity import CertificateCache
 from .library import PolicyLibrary
-from .matchers import MethodTraits, authority_host
+from .matchers import authority_host
 from .policy import (
     METHOD_OVERRIDE_ARG,
     METHOD_OVERRIDE_HEADERS,

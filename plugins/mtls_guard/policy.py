@@ -17,10 +17,11 @@ from typing import Final
 from runner.protocol.codec import fold_header_name
 
 from .decision import VAR_ORDER, Decision, Engine, IdentityChecks, NeedVars, Reason, RequestInput
+from .exemptions import ExemptMatcher, ExemptRuleSpec
 from .forwarded import build_xfcc
 from .identity import CertificateCache, ClientCertificate
 from .library import PolicyLibrary
-from .matchers import DomainSet, ExemptMatcher, ExemptRuleSpec, SanMatcher
+from .matchers import DomainSet, SanMatcher
 from .schema import (
     HOST_MISMATCH_STATUS,
     ExemptRule,
