@@ -49,7 +49,7 @@ from plugins.mtls_guard.identity import (
 from plugins.mtls_guard.matchers import authority_host
 from plugins.mtls_guard.paths import classify_path, exempt_path
 from plugins.mtls_guard.policy import CompiledPolicy, compile_policy, san_header_value
-from plugins.mtls_guard.schema import ApisixSource, HeaderSource, Mode, PolicyError, fold_name
+from plugins.mtls_guard.schema import ApisixSource, HeaderSource, Mode, PolicyError
 from runner import BasePlugin, HTTPRequest, HTTPResponse, PluginRegistry, Stop
 from runner.confcache import Chain, ConfStore
 from runner.protocol import codec
@@ -966,7 +966,13 @@ def _check_decide(reader: ByteReader) -> None:
         outcome = policy.decide(facts, values, now=now, cache=_CACHE)
         _require(isinstance(outcome, Decision), "the policy asked for variables twice")
     assert isinstance(outcome, Decision)
-    spellings = tuple(dict.fromkeys(n for n, _ in facts.headers if fold_name(n).encode() in policy.strip_folded))
+    spellings = tuple(
+        dict.fromkeys(
+            n
+            for n, _ in facts.headers
+            if codec.fold_header_name(n.encode("utf-8", "surrogateescape")) in policy.strip_folded
+        )
+    )
     policy.upstream_headers(outcome, spellings)
     if not outcome.allowed:
         policy.reject_response(outcome)

@@ -212,6 +212,13 @@ def host_binds(host: str | None, vars: Mapping[str, str | None]) -> bool:
     return sni_matches_host(host, vars)
 
 
+def _already_encoded(raw: str | None, vars: Mapping[str, str | None] | None) -> bool:
+    """Whether ``raw`` is an ``$upstream_uri`` an earlier plugin set (delivered as is, still encoded)
+    rather than ``$uri``. Only a path holding "%" can tell the two apart, and it always fetches
+    ``upstream_uri`` (APISIX's ngx_tpl.lua sets it to '' until a plugin rewrites the path)."""
+    return raw is not None and "%" in raw and vars is not None and bool(vars.get("upstream_uri"))
+
+
 @dataclass(frozen=True, slots=True)
 class Engine:
     """Compiled decision procedure for one policy (built by policy.compile_policy)."""
@@ -223,11 +230,11 @@ class Engine:
     require_sni_match: bool
     reject_status: int
     need_protected: NeedVars
-    need_sni_check: NeedVars  # protected + what a host rule needs to bind the Host to the SNI
+    need_sni_check: NeedVars  # protected + what a host rule needs to bind the Host ($host, SNI)
+    need_path_origin: NeedVars  # a path holding "%": protected + host-rule vars + upstream_uri
     exempt_decisions: Mapping[str, Decision]  # one immutable Decision per rule id, built once
     trusted_v4: tuple[IPNetwork, ...] = ()
     trusted_v6: tuple[IPNetwork, ...] = ()
-    need_path_origin: NeedVars = NeedVars(("upstream_uri",))  # protected + sni check + upstream_uri
 
     def decide(
         self,
@@ -238,18 +245,15 @@ class Engine:
         cache: CertificateCache,
     ) -> Decision | NeedVars:
         raw = request.path
-        encoded = False
-        if raw is not None and "%" in raw:
+        if vars is None and raw is not None and "%" in raw:
             # Only here can "$uri, delivered by our Rewrite" and "an $upstream_uri an earlier plugin
             # set, delivered as is" read differently (paths module docstring): ask which it is.
-            if vars is None:
-                return self.need_path_origin
-            encoded = bool(vars.get("upstream_uri"))
-        candidates = self._candidates(request.method.upper(), raw, encoded)
-        sni_binds = None
+            return self.need_path_origin
+        candidates = self._candidates(request.method.upper(), raw, _already_encoded(raw, vars))
+        host_bound = None
         if vars is not None and self.exempt.has_host_rules:
-            sni_binds = host_binds(request.host, vars)
-        match = select(candidates, request.host, sni_binds=sni_binds, method_traits=request.method_traits)
+            host_bound = host_binds(request.host, vars)
+        match = select(candidates, request.host, host_bound=host_bound, method_traits=request.method_traits)
         if match.rule:
             return self.exempt_decisions[match.rule]
         if vars is None:
@@ -285,10 +289,7 @@ class Engine:
     def delivers_as_judged(self, request: RequestInput, vars: Mapping[str, str | None] | None) -> bool:
         """Whether the caller must Rewrite the path to the judged one (False: an earlier plugin's
         already-encoded ``$upstream_uri`` that reaches the upstream as it is)."""
-        raw = request.path
-        if raw is None:
-            return False
-        return "%" not in raw or vars is None or not vars.get("upstream_uri")
+        return request.path is not None and not _already_encoded(request.path, vars)
 
     def _finish(self, reason: Reason, detail: str, identity: ClientCertificate | None) -> Decision:
         if reason is Reason.VERIFIED:

@@ -48,8 +48,9 @@ class ExemptMatch:
     """The outcome of matching one request against the exemption rules.
 
     ``rule`` is the id of the rule that exempts ("" for none). ``needs_sni``: a host rule matched the
-    Host header but the TLS binding (SNI) is not known yet. ``host_refused``: a host rule matched the
-    Host header but the connection's SNI is another name, so the Host cannot be believed.
+    Host header but what binds it (``$host`` and the TLS SNI) is not known yet. ``host_refused``: a
+    host rule matched the Host header but the routed host or the SNI is another name, so the Host
+    cannot be believed.
     """
 
     rule: str = ""
@@ -170,29 +171,17 @@ class ExemptMatcher:
                     found.sort(key=_position)
         return tuple(found)
 
-    def match(
-        self,
-        method: str,
-        path: bytes | None,
-        host: str | None,
-        *,
-        sni_binds: bool | None,
-        method_traits: Callable[[], MethodTraits] = plain_method,
-    ) -> ExemptMatch:
-        """The first rule that exempts the request, in policy order (``select`` over ``candidates``)."""
-        return select(self.candidates(method, path), host, sni_binds=sni_binds, method_traits=method_traits)
-
 
 def select(
     candidates: tuple[CompiledRule, ...],
     host: str | None,
     *,
-    sni_binds: bool | None,
+    host_bound: bool | None,
     method_traits: Callable[[], MethodTraits] = plain_method,
 ) -> ExemptMatch:
     """The first of ``candidates`` (ExemptMatcher.candidates) that exempts the request.
 
-    ``host`` is the Host header (normalised, port removed). ``sni_binds`` says whether that Host can
+    ``host`` is the Host header (normalised, port removed). ``host_bound`` says whether that Host can
     be believed (decision.host_binds): False when it cannot, None when not known yet; a host rule is
     then skipped and reported through ``needs_sni``, and a later rule that needs no host still
     exempts (the outcome cannot change, only which id is reported). ``method_traits`` is called (at
@@ -211,9 +200,9 @@ def select(
             return rule.matched
         if not rule.hosts.matches(host):
             continue
-        if sni_binds is None:
+        if host_bound is None:
             needs_sni = True
-        elif sni_binds:
+        elif host_bound:
             return rule.matched
         else:
             host_refused = True

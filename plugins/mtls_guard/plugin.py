@@ -17,7 +17,7 @@ from typing import Any, Final, NamedTuple
 from runner.errors import PluginFailure
 from runner.metrics import CounterSnapshot
 from runner.plugin import BasePlugin, HTTPRequest, HTTPResponse
-from runner.protocol.codec import HTTPReqCall
+from runner.protocol.codec import HTTPReqCall, fold_header_name
 from runner.protocol.messages import Stop
 
 from .exemptions import MethodTraits
@@ -33,7 +33,7 @@ from .policy import (
     RequestInput,
     compile_policy,
 )
-from .schema import PolicyError, fold_name
+from .schema import PolicyError
 
 __all__ = ["DecisionCounter", "Judgement", "MtlsGuard", "decide_request", "method_traits", "read_facts"]
 
@@ -93,7 +93,9 @@ def read_facts(policy: CompiledPolicy, request: HTTPRequest) -> tuple[RequestInp
         headers=call.headers if policy.header_mode else (),
         method_traits=partial(method_traits, call, method),
         aliased_source=any(
-            n.lower() not in policy.source_names and fold_name(n).encode() in policy.source_folded for n in spellings
+            n.lower() not in policy.source_names
+            and fold_header_name(n.encode("utf-8", "surrogateescape")) in policy.source_folded
+            for n in spellings
         ),
     )
     return facts, spellings

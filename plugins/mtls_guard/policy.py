@@ -227,7 +227,7 @@ def describe_policy(config: PolicyConfig) -> str:
     if not config.exempt:
         lines.append("  (no rules: every request needs a certificate)")
     lines.append("  paths with .., //, ;, backslash, control characters or a literal % (sent as %25) are never exempt")
-    lines.append("  rules naming methods never apply when a method-override header or _method argument is sent")
+    lines.append("  rules naming methods never apply with a method-override header, a _method argument or a POST form")
     lines.append("  the upstream receives the path that was judged (Rewrite path; the query is kept as sent)")
     lines.append("every other request needs:")
     source = config.source

@@ -17,6 +17,8 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Final, Literal, TypeAlias, TypeVar
 
+from runner.protocol.codec import fold_header_name
+
 from .forwarded import ForwardedFormat
 from .identity import CertificateError
 from .matchers import (
@@ -249,8 +251,8 @@ def _parsed(parse: Callable[[str], _T], max_len: int = 512) -> Callable[[object,
 
 
 def fold_name(name: str) -> str:
-    """A header name as CGI-style upstreams read it (see runner.protocol.codec.fold_header_name)."""
-    return name.lower().replace("_", "-")
+    """A (validated, ASCII) header name as CGI-style upstreams read it: codec.fold_header_name."""
+    return fold_header_name(name.encode("ascii")).decode("ascii")
 
 
 def _header_name(value: object, path: str) -> str:

@@ -253,7 +253,8 @@ def text_entries(buf: bytes, field: int, errors: str = "surrogateescape") -> Pai
     """Read a ``[TextEntry]`` in one pass; an entry without ``value`` gives ``None``.
 
     This loop is most of the cost of decoding a request, so :func:`_entry` and :func:`_span`
-    are inlined here (a third faster); the checks are the same.
+    are inlined here rather than read through :func:`_names` (a third faster than the calls, a
+    quarter faster than the generator); the checks are the same.
     """
     first, count = _vector(buf, field, 4)
     n = len(buf)

@@ -308,9 +308,9 @@ class _CallView:
         :func:`fold_header_name`): ``x_client_subject`` and ``X-CLIENT_subject`` are both found for
         ``x-client-subject``, since upstreams that fold names cannot tell them apart.
 
-        A header name is at least as long as its folded form and appears in the frame as is, so
-        when no folded name occurs in the folded frame no entry is read at all: the common case
-        costs one pass over the bytes.
+        Folding keeps every byte in its place, so a header whose name folds to one of ``folded``
+        leaves that name in the folded frame: when none occurs there, no entry is read at all and
+        the common case costs one pass over the bytes.
         """
         f = self._fields[self._HEADERS_SLOT]
         if not f or not folded:
