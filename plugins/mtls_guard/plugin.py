@@ -61,12 +61,19 @@ class Judgement(NamedTuple):
 _FORM_TYPES: Final = ("application/x-www-form-urlencoded", "multipart/form-data")
 
 
+def _mentions_override(text: str) -> bool:
+    # APISIX splits the query on "&" only; an upstream that also splits on ";" reads "?a=1;_method=DELETE"
+    # as a _method argument, and a double-decoding one reads "%5Fmethod". Any mention defeats method rules.
+    lowered = text.lower()
+    return METHOD_OVERRIDE_ARG in lowered or "%5fmethod" in lowered
+
+
 def method_traits(call: HTTPReqCall, method: str) -> MethodTraits:
     """Whether the upstream may act on another method than the one judged (a method-override header in
     any spelling, a ``_method`` argument, or a POST form body: Rails, Laravel and Symfony read
     ``_method`` from forms), and whether the request is a real CORS preflight."""
     overridden = bool(call.header_spellings(METHOD_OVERRIDE_HEADERS)) or any(
-        name.lower() == METHOD_OVERRIDE_ARG for name, _ in call.args
+        _mentions_override(name) or (value is not None and _mentions_override(value)) for name, value in call.args
     )
     if not overridden and method == "POST":
         overridden = (call.header("content-type") or "").lower().startswith(_FORM_TYPES)

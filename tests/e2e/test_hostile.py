@@ -450,6 +450,7 @@ OVERRIDES = {
     "_method": ("/orders/1?_method=DELETE", []),
     "_method-lower": ("/orders/1?a=1&_method=delete", []),
     "_method-encoded": ("/orders/1?%5Fmethod=DELETE", []),
+    "_method-after-semicolon": ("/orders/1?a=1;_method=DELETE", []),
 }
 
 

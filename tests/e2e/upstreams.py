@@ -110,7 +110,8 @@ def cgi_headers(headers: Sequence[tuple[str, str]]) -> dict[str, list[str]]:
 def effective_methods(method: str, query: str, headers: Sequence[tuple[str, str]]) -> list[str]:
     """Every method some framework would act on: the overrides when there are any, else ``method``."""
     overrides = [v.strip().upper() for n, v in headers if n.lower().replace("_", "-") in OVERRIDE_HEADERS]
-    overrides += [(v or "").strip().upper() for n, v in uri_args(query) if n == "_method"]
+    # Some stacks (older Python cgi, several Java and Perl ones) also split the query on ";".
+    overrides += [(v or "").strip().upper() for n, v in uri_args(query.replace(";", "&")) if n == "_method"]
     found = list(dict.fromkeys(m for m in overrides if m))
     return found or [method.upper()]
 

@@ -141,6 +141,8 @@ class TestMethodRules:
             ((("X-Method-Override", "DELETE"),), ()),
             ((), (("_method", "DELETE"),)),
             ((), (("_METHOD", "DELETE"),)),
+            ((), (("a", "1;_method=DELETE"),)),
+            ((), (("x", "%5Fmethod=DELETE"),)),
         ],
     )
     def test_override_defeats_method_rules(self, headers: Any, args: Any) -> None:
