@@ -299,11 +299,11 @@ class HTTPRequest(_ExtraInfoMixin):
         ):
             return None
         return Rewrite(
-            path=self._path,
-            headers=tuple(self._header_changes.items()),
-            args=tuple((n, v) for n, vs in self._arg_changes.items() for v in vs),
-            resp_headers=tuple(self._resp_headers),
-            body=self._new_body,
+            self._path,
+            tuple(self._header_changes.items()),
+            tuple((n, v) for n, vs in self._arg_changes.items() for v in vs) if self._arg_changes else (),
+            tuple(self._resp_headers),
+            self._new_body,
         )
 
 
@@ -370,7 +370,20 @@ class HTTPResponse(_ExtraInfoMixin):
         return self._status, headers, self._new_body
 
 
+_HEADER_NAME_CACHE_SIZE = 1024
+_header_names: dict[str, str] = {}
+
+
 def _header_name(name: str) -> str:
-    if not name or any(c in name for c in "\r\n:\x00 "):
+    """``name`` lower-cased, or ValueError for a name that would corrupt the request. Names come
+    from plugin code and configuration, so they repeat: each is checked once (bounded cache)."""
+    lowered = _header_names.get(name)
+    if lowered is not None:
+        return lowered
+    if not isinstance(name, str) or not name or any(c in name for c in "\r\n:\x00 "):
         raise ValueError(f"invalid header name {name!r}")
-    return name.lower()
+    lowered = name.lower()
+    if len(_header_names) >= _HEADER_NAME_CACHE_SIZE:
+        _header_names.clear()
+    _header_names[name] = lowered
+    return lowered

@@ -14,7 +14,9 @@ back. Text the runner interprets (conf entries, PrepareConf key, var names) must
 
 from __future__ import annotations
 
+import re
 import struct
+from collections.abc import Callable
 from enum import Enum
 from functools import partial
 from typing import Final
@@ -272,11 +274,22 @@ class _CallView:
     _id: int
     _conf_token: int
     _headers: Pairs | None
-    _folded: bytes | None  # the frame as fold_header_name reads it, made on the first header_spellings
+    _folded: bytes | None  # the frame as fold_header_name reads it, made on first use (folded_frame)
 
     @property
     def id(self) -> int:
         return self._id
+
+    @property
+    def folded_frame(self) -> bytes:
+        """The whole frame passed through :func:`fold_header_name` (made once per call), for
+        prefilters: every name and value of the call is in it, ASCII lower-cased and with ``_``
+        read as ``-``, each byte at its place. Text absent from it is absent from the call; text
+        present may sit anywhere (a value, another field), so a hit needs the exact check."""
+        folded = self._folded
+        if folded is None:
+            folded = self._folded = fold_header_name(self._buf)
+        return folded
 
     @property
     def conf_token(self) -> int:
@@ -318,10 +331,27 @@ class _CallView:
         haystack = self._folded
         if haystack is None:
             haystack = self._folded = fold_header_name(self._buf)
-        for name in folded:
-            if name in haystack:
-                return _flat.names_folding_to(self._buf, self._pos + f, folded)
-        return ()
+        if _prefilter(folded)(haystack) is None:  # the common case: one pass over the bytes, no entry read
+            return ()
+        return _flat.names_folding_to(self._buf, self._pos + f, folded)
+
+
+_PREFILTER_CACHE_SIZE: Final = 256
+_prefilters: dict[frozenset[bytes], Callable[[bytes], re.Match[bytes] | None]] = {}
+
+
+def _prefilter(folded: frozenset[bytes]) -> Callable[[bytes], re.Match[bytes] | None]:
+    """One search for any of ``folded``: an alternation of literals scans the frame once, where a
+    ``name in haystack`` per name scans it once per name (5 names: 0.65 µs instead of 2.4 µs on a
+    1.4 KB frame). Name sets come from plugin configuration, so they are few; compiled once each."""
+    search = _prefilters.get(folded)
+    if search is None:
+        longest_first = sorted(folded, key=lambda n: (-len(n), n))
+        search = re.compile(b"|".join(re.escape(n) for n in longest_first)).search
+        if len(_prefilters) >= _PREFILTER_CACHE_SIZE:
+            _prefilters.clear()
+        _prefilters[folded] = search
+    return search
 
 
 class HTTPReqCall(_CallView):
@@ -503,7 +533,7 @@ _ACTION_LAYOUT: Final = _flat.layout(((0, 4), (1, 1), (2, 4)))
 _ACTION_ID_AT: Final = 8 + len(_ACTION_LAYOUT.vtable) + _ACTION_LAYOUT.offsets[0]
 _ACTION_CACHE_SIZE: Final = 2048
 _ACTION_CACHE_MAX_FRAME: Final = 4096
-_action_frames: dict[Stop | Rewrite, bytes] = {}
+_action_frames: dict[tuple[object, ...], bytes] = {}
 
 
 def _action_template(action: Stop | Rewrite) -> bytes:
@@ -525,8 +555,15 @@ def http_req_call_action_frame(call_id: int, action: Stop | Rewrite | None) -> b
     rid = _PACK_U32(check_uint(call_id, 32, "id"))
     if action is None:
         return _REQ_REPLY_HEAD + rid
+    # Keyed by the fields as a plain tuple (the type first): hashed and compared in C, where the
+    # dataclasses' generated __hash__ and __eq__ run in Python (about 1 µs per reply).
+    if isinstance(action, Rewrite):
+        key: tuple[object, ...] = (type(action), action.path, action.headers, action.args, action.resp_headers)
+        key += (action.body,)
+    else:
+        key = (type(action), action.status, action.headers, action.body)
     try:
-        template = _action_frames.get(action)
+        template = _action_frames.get(key)
     except TypeError:  # a plugin built its action from lists or a bytearray: not cacheable, still valid
         template = _action_template(action)
     else:
@@ -535,7 +572,7 @@ def http_req_call_action_frame(call_id: int, action: Stop | Rewrite | None) -> b
             if len(template) <= _ACTION_CACHE_MAX_FRAME:
                 if len(_action_frames) >= _ACTION_CACHE_SIZE:
                     _action_frames.clear()
-                _action_frames[action] = template
+                _action_frames[key] = template
     return template[:_ACTION_ID_AT] + rid + template[_ACTION_ID_AT + 4 :]
 
 

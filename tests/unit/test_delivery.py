@@ -6,13 +6,15 @@ import json
 from typing import Any
 
 import pytest
+from hypothesis import given
+from hypothesis import strategies as st
 
 from plugins.mtls_guard.explain import explain
 from plugins.mtls_guard.forwarded import build_xfcc
 from plugins.mtls_guard.identity import load_pem
 from plugins.mtls_guard.matchers import authority_host
-from plugins.mtls_guard.plugin import MtlsGuard
-from plugins.mtls_guard.policy import compile_policy
+from plugins.mtls_guard.plugin import MtlsGuard, _may_override, _mentions_override
+from plugins.mtls_guard.policy import METHOD_OVERRIDE_HEADERS, compile_policy
 from plugins.mtls_guard.schema import PolicyError
 from runner.protocol import codec
 from tests.certs import CertFactory, escaped
@@ -148,6 +150,19 @@ class TestMethodRules:
     def test_override_defeats_method_rules(self, headers: Any, args: Any) -> None:
         """A GET-only rule never exempts a request carrying a method override, whatever its spelling."""
         assert run(EXEMPT, path="/docs/a", headers=headers, args=args, variables=NO_CERT).stop is not None
+
+    @given(st.text(max_size=40), st.sampled_from(["_method", "_METHOD", "_MeThOd", "%5fmethod", "%5FMETHOD"]))
+    def test_override_prefilter_never_misses_a_mention(self, text: str, mention: str) -> None:
+        """The folded-frame prefilter sees every arg text that mentions _method, Unicode around it included."""
+        for value in (text + mention, mention + text, text[:5] + mention + text[5:]):
+            assert _mentions_override(value)
+            assert _may_override(codec.fold_header_name(value.encode("utf-8", "surrogateescape")))
+
+    def test_override_prefilter_sees_every_override_header(self) -> None:
+        """Each method-override header name, in any spelling, passes the prefilter."""
+        for name in METHOD_OVERRIDE_HEADERS:
+            for spelling in (name, name.upper(), name.replace(b"-", b"_")):
+                assert _may_override(codec.fold_header_name(spelling))
 
     def test_post_form_defeats_method_rules(self) -> None:
         """A POST form may carry _method: a rule naming POST does not exempt it."""

@@ -415,6 +415,36 @@ class TestCertificateCache:
         cache.get(pems[1], parse)
         assert len(calls) == 4
 
+    @given(
+        max_entries=st.integers(1, 4),
+        # Keys over a few tails and heads: several keys share a tail, so the exact-match tier is contended.
+        keys=st.lists(st.tuples(st.integers(0, 5), st.integers(0, 2)), max_size=60),
+    )
+    def test_parses_exactly_like_a_plain_lru(self, max_entries: int, keys: list[tuple[int, int]]) -> None:
+        """Whatever the keys and their shared tails, the cache parses exactly when an LRU of max_entries misses."""
+        from collections import OrderedDict
+
+        cache = CertificateCache(max_entries=max_entries)
+        model: OrderedDict[str, None] = OrderedDict()
+        parsed: list[str] = []
+
+        def parse(key: str) -> ClientCertificate:
+            parsed.append(key)
+            raise CertificateError(f"not a certificate: {key[:8]}")
+
+        for head, tail in keys:
+            key = f"head-{head}:" + "x" * 200 + f"tail-{tail}"
+            expected_parse = key not in model
+            model[key] = None
+            model.move_to_end(key)
+            if len(model) > max_entries:
+                model.popitem(last=False)
+            before = len(parsed)
+            with pytest.raises(CertificateError, match=f"head-{head}"):
+                cache.get(key, parse)
+            assert (len(parsed) > before) == expected_parse
+            assert len(cache) == len(model)
+
     def test_other_exceptions_are_not_cached(self) -> None:
         """Only CertificateError is cached; a bug in the parse function propagates every time."""
 
