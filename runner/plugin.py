@@ -156,12 +156,15 @@ class _ExtraInfoMixin:
 
     async def vars(self, *names: str) -> dict[str, str | None]:
         """Variables (nginx/APISIX ``ctx.var``) in one pipelined round trip; absent ones are None."""
-        missing = [n for n in dict.fromkeys(names) if n not in self._vars]
+        known = self._vars
+        missing = [n for n in names if n not in known]
         if missing:
+            if len(missing) > 1:
+                missing = list(dict.fromkeys(missing))  # each name asked once
             results = await self._channel.query([_var_query(n) for n in missing])
             for name, raw in zip(missing, results, strict=True):
-                self._vars[name] = _text(raw)
-        return {n: self._vars[n] for n in names}
+                known[name] = None if raw is None else raw.decode("utf-8", "surrogateescape")
+        return {n: known[n] for n in names}
 
     async def var(self, name: str) -> str | None:
         # Same as ``(await self.vars(name))[name]``, without the batching machinery (hot path).

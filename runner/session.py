@@ -293,7 +293,7 @@ class Session:
         if len(queries) == 1:
             self._write(codec.extra_info_query_frame(queries[0]))
         else:
-            self._write(b"".join(codec.extra_info_query_frame(q) for q in queries))
+            self._write(b"".join([codec.extra_info_query_frame(q) for q in queries]))
         self._outstanding.append((pending, [], len(queries)))
         return pending
 
