@@ -38,6 +38,8 @@ __all__ = [
 
 MAX_DETAIL: Final = 80
 IDENTITY_MEMO_ENTRIES: Final = 4096
+# Engine.verified_memo holds certificates (a few KB each) per policy: kept small, the hot ones repeat.
+VERIFIED_MEMO_ENTRIES: Final = 256
 # Engine._candidates' memo, shared by every compiled policy of the process: a pure function's cache,
 # bounded in entries and in the length of the paths it keeps.
 MEMO_ENTRIES: Final = 8192
@@ -302,7 +304,7 @@ class Engine:
             if known is not None and known.identity is identity and known.detail == detail:
                 return known
             decision = Decision(True, "allow", reason, detail, self.mode, 0, identity)
-            if len(self.verified_memo) >= IDENTITY_MEMO_ENTRIES:
+            if len(self.verified_memo) >= VERIFIED_MEMO_ENTRIES:
                 self.verified_memo.clear()
             self.verified_memo[identity.fingerprint_sha256] = decision
             return decision

@@ -668,6 +668,23 @@ class TestVariableProtocol:
             assert decision.allowed
         assert (cache.misses, cache.hits) == (1, 2)
 
+    def test_verified_decision_reused_only_for_the_same_certificate(self) -> None:
+        """The same cached certificate gets the same Decision object; a new cache (a re-parse) a fresh one."""
+        policy, cache = compiled({}), CertificateCache()
+        request = RequestInput("GET", "/x", host=HOST)
+        first = policy.decide(request, tls(), now=NOW, cache=cache)
+        assert policy.decide(request, tls(), now=NOW, cache=cache) is first
+        fresh = policy.decide(request, tls(), now=NOW, cache=CertificateCache())
+        assert isinstance(first, Decision)
+        assert isinstance(fresh, Decision)
+        assert fresh is not first
+        assert fresh == first
+        assert fresh.identity is not first.identity
+        # Expiry is judged per request, never memoised with the Decision.
+        late = policy.decide(request, tls(), now=NOW + timedelta(days=3650), cache=cache)
+        assert isinstance(late, Decision)
+        assert late.reason == "expired"
+
     def test_pathological_regex_on_8kb_path(self) -> None:
         """A backtracking-prone pattern on an 8 KB path returns promptly (RE2 is linear)."""
         policy = compiled({"exempt": [{"path": "(a+)+$"}, {"path": "/(a|aa)*b"}, {"path": "/(.*a){20}"}]})
