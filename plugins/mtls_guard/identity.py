@@ -360,7 +360,7 @@ class CertificateCache:
             if len(self._recent) >= RECENT_ENTRIES:
                 self._recent.clear()
             old = self._recent.get(tail)
-            if old is not None and old[1] != digest:
+            if old is not None and old[1] != digest and old[1] in self._entries:
                 self._entries[old[1]] = (old[2], "")  # that entry's tail now names this key
             self._recent[tail] = (key, digest, entry)
             self._entries[digest] = (entry, tail)
