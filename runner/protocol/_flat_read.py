@@ -345,7 +345,8 @@ def find_entry(buf: bytes, field: int, wanted: bytes) -> str | None:
     Reads only names until it finds a match, so one lookup costs much less than
     :func:`text_entries`; entries after the match are not validated. The plugin's Host lookup runs
     on every protected request, so the checks of :func:`_names` are inlined here as in
-    :func:`text_entries` (the generator made it ~40 % slower); they are the same checks.
+    :func:`text_entries` (through the generator it took 9.9 instead of 7.6 µs for the last of 20
+    headers); they are the same checks, kept in step with those two by the codec fuzz target.
     """
     size = len(wanted)
     first, count = _vector(buf, field, 4)
