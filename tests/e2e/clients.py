@@ -110,7 +110,7 @@ class Clients:
         content: bytes | None = None,
     ) -> Reply:
         """One request through nginx; ``listener`` is https, http or front; ``host`` the Host header."""
-        default_host = FRONT_HOST if listener == "front" else API_HOST
+        default_host = _default_host(listener)
         host = host or default_host
         extensions = {} if listener == "http" else {"sni_hostname": sni or default_host}
         request_headers = [("Host", host), *headers]
@@ -177,7 +177,7 @@ class Clients:
     ) -> Reply:
         """One request whose request line and header lines go out exactly as given (``target`` is written
         as UTF-8, lone surrogates as the bytes they stand for), over TLS (``https``/``front``) or plain HTTP."""
-        default_host = FRONT_HOST if listener == "front" else API_HOST
+        default_host = _default_host(listener)
         lines = [f"{method} {target} HTTP/1.1", f"Host: {host or default_host}"]
         lines += [f"{name}: {value}" for name, value in headers]
         if body:
@@ -205,7 +205,7 @@ class Clients:
         source: str | None = None,
     ) -> Reply:
         """The same request with the curl command line an operator would type."""
-        name = host or (FRONT_HOST if listener == "front" else API_HOST)
+        name = host or _default_host(listener)
         port = getattr(self.front.ports, listener)
         scheme = "http" if listener == "http" else "https"
         with tempfile.TemporaryDirectory(prefix="mg-curl-") as tmp:
@@ -231,6 +231,11 @@ class Clients:
                 if sep:
                     pairs.append((header_name.strip().lower(), value.strip()))
             return Reply(int(done.stdout), dict(pairs), body.read_bytes(), "curl", tuple(pairs))
+
+
+def _default_host(listener: str) -> str:
+    """The Host (and SNI) a listener's requests carry unless a test names another."""
+    return FRONT_HOST if listener == "front" else API_HOST
 
 
 def _exchange(sock: socket.socket, request: bytes) -> bytes:
