@@ -18,7 +18,10 @@ names bypassed, and a global rule applies to every route. Checks here:
 * MG062: such a route also served over plain HTTP, where a bare Host header is enough;
 * MG063: ``methods: [OPTIONS]``, which exempts every OPTIONS, where ``preflight: true`` was meant;
 * MG064: proxy-rewrite ``use_real_request_uri_unsafe`` on a guarded route: it replaces the path
-  mtls-guard judged and delivers with the raw request-target.
+  mtls-guard judged and delivers with the raw request-target;
+* MG071: a host rule without a path condition whose hosts are all the route's hosts, on a route
+  served under a name an SSL object requests client certificates for: the policy is a no-op there;
+* the per-policy fail-open checks of ``lint_policy`` (MG070, MG072-MG077), once per ext-plugin entry.
 """
 
 from __future__ import annotations
@@ -26,10 +29,11 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Final
 
-from .lint_coverage import redirects_to_https, route_hosts, route_uris
+from .lint_coverage import hosts_overlap, redirects_to_https, route_hosts, route_uris
 from .lint_findings import Findings
 from .lint_load import Config, Resource
 from .lint_plugins import PRE_REQ, GuardUse, PluginAnalysis, plugins_of
+from .lint_policy import methods_unrestricted, path_unrestricted, policy_findings
 from .matchers import DomainSet, compile_regex
 from .schema import ExemptRule
 
@@ -102,11 +106,26 @@ def rule_may_apply(rule: ExemptRule, route: Resource) -> bool:
     return False
 
 
+def _client_snis(config: Config) -> list[tuple[Resource, tuple[str, ...]]]:
+    """Enabled server SSL objects with ``client`` (APISIX requests a client certificate) and their SNIs."""
+    found: list[tuple[Resource, tuple[str, ...]]] = []
+    for ssl in config.of("ssls"):
+        # type "client" objects are certificates APISIX presents to upstreams; status 0 disables an object.
+        serving = ssl.value.get("type", "server") == "server" and ssl.value.get("status", 1) != 0
+        if not serving or not isinstance(ssl.value.get("client"), Mapping):
+            continue
+        raw = ssl.value.get("snis", [ssl.value.get("sni")])
+        names = tuple(s.lower().rstrip(".") for s in raw if isinstance(s, str)) if isinstance(raw, list) else ()
+        found.append((ssl, names))
+    return found
+
+
 class _Exemptions:
     def __init__(self, config: Config, findings: Findings, plugins: PluginAnalysis) -> None:
         self.config = config
         self.findings = findings
         self.plugins = plugins
+        self.client_snis = _client_snis(config)
 
     def add(self, code: str, resource: Resource, message: str, fix: str) -> None:
         self.findings.add(code, resource.label, message, fix, source=resource.source, line=resource.line)
@@ -215,6 +234,38 @@ class _Exemptions:
                 )
                 return
 
+    def policies(self) -> None:
+        """lint_policy's findings for every mtls-guard entry, reported where the entry is written."""
+        for uses in self.plugins.pre_req.values():
+            for use in uses:
+                if use.policy is None:
+                    continue
+                for finding in policy_findings(use.policy.config, self.plugins.library):
+                    self.add(finding.code, use.holder, f"{use.where}: {finding.message}", finding.fix)
+
+    def whole_host(self, route: Resource) -> None:
+        """MG071: a host rule without path or method restriction covering every host of the route."""
+        names = route_hosts(route, self.config)
+        if names is None:
+            return  # a host rule there is MG061
+        served = (ssl for ssl, snis in self.client_snis if any(hosts_overlap(n, s) for n in names for s in snis))
+        mtls = next(served, None)
+        if mtls is None:
+            return  # no SSL object asks these names for a certificate: publishing them is not an mTLS bypass
+        for use, rule, hosts in _host_rules(self.plugins.own_guards(route)):
+            if not (path_unrestricted(rule) and methods_unrestricted(rule)) or route_hosts_exempt(names, hosts):
+                continue
+            where = use.where if use.holder.label == route.label else f"{use.where} of {use.holder.label}"
+            self.add(
+                "MG071",
+                route,
+                f"{where}: exempt rule {rule.id!r} (hosts {', '.join(hosts)}, no path or method restriction) names "
+                f"every host of this route, so it exempts every request, although {mtls.label} requests client "
+                "certificates for these names: mtls-guard checks nothing here",
+                "give the rule a path for what is public under these names; if the whole host is public, serve it "
+                "from an SSL object without client (no certificate prompt) and drop the rule",
+            )
+
 
 def check_exemptions(config: Config, findings: Findings, plugins: PluginAnalysis) -> None:
     checks = _Exemptions(config, findings, plugins)
@@ -222,5 +273,7 @@ def check_exemptions(config: Config, findings: Findings, plugins: PluginAnalysis
     for route in config.of("routes"):
         if route.value.get("status", 1) != 0:  # status 0 disables a route
             checks.route(route)
+            checks.whole_host(route)
             checks.raw_delivery(route)
     checks.cors()
+    checks.policies()

@@ -41,7 +41,7 @@ CODES: Final[dict[str, tuple[Severity, str]]] = {
     "MG016": (_E, "plugin_config_id / service_id points to a missing object (APISIX answers 503)"),
     # ext-plugin configuration
     "MG020": (_E, "allow_degradation: true on ext-plugin-pre-req carrying mtls-guard (fails open)"),
-    "MG021": (_W, "mtls-guard configured in ext-plugin-post-req / post-resp (too late to protect)"),
+    "MG021": (_W, "mtls-guard configured in ext-plugin-post-req (runs after authentication and other plugins)"),
     "MG022": (_E, "invalid mtls-guard policy (the runner rejects it, the route answers 503)"),
     "MG023": (_E, "unknown plugin name in an ext-plugin conf list (runner rejects it, 503)"),
     "MG024": (_E, "malformed ext-plugin configuration (APISIX schema rejects it)"),
@@ -49,6 +49,7 @@ CODES: Final[dict[str, tuple[Severity, str]]] = {
     "MG026": (_W, "ext-plugin-pre-req carrying mtls-guard has _meta.filter (runs only sometimes)"),
     "MG027": (_W, "mtls-guard policy in report mode: denied requests are let through"),
     "MG028": (_W, "mtls-guard from a plugin config or service is overridden by the route's own"),
+    "MG029": (_E, "mtls-guard configured in ext-plugin-post-resp (every call fails: 503 after the upstream ran)"),
     # skip_mtls_uri_regex
     "MG030": (_W, "skip regex not anchored at the start (^): matches anywhere in the URI"),
     "MG031": (_W, "skip regex not anchored at the end ($): matches every longer URI"),
@@ -74,6 +75,15 @@ CODES: Final[dict[str, tuple[Severity, str]]] = {
     "MG062": (_W, "an MG061 route is also served over plain HTTP, where no SNI binds the Host header"),
     "MG063": (_W, "methods: [OPTIONS] exemption also exempts OPTIONS that are not CORS preflights"),
     "MG064": (_E, "proxy-rewrite use_real_request_uri_unsafe delivers another path than mtls-guard judged"),
+    # fail-open policies
+    "MG070": (_E, "an exempt rule restricts neither path, method nor host: the policy checks no certificate"),
+    "MG071": (_W, "a path-less host rule exempts every request of a route served under an mTLS host"),
+    "MG072": (_W, "an exempt rule names methods only: every such request on every path is exempt"),
+    "MG073": (_W, "an exempt path pattern never matches the canonical path it was written for (dead rule)"),
+    "MG074": (_E, "source header trusts every address as a proxy (/0): any client forges the certificate"),
+    "MG075": (_W, "source header trusts a very broad range as proxies (wider than /8 IPv4, /16 IPv6)"),
+    "MG076": (_W, "require_sni_match: false accepts a certificate presented for another SNI (coalesced HTTP/2)"),
+    "MG077": (_W, "a route switches an enforcing named policy to report mode"),
 }
 
 

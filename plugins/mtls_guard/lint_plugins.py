@@ -15,6 +15,7 @@ from typing import Any, Final
 from .library import PolicyLibrary
 from .lint_findings import Findings
 from .lint_load import Config, Resource
+from .lint_policy import named_policy_downgrade
 from .policy import CompiledPolicy, compile_policy
 from .schema import HeaderSource, Mode, PolicyError
 
@@ -22,7 +23,8 @@ __all__ = ["GUARD", "PRE_REQ", "GuardUse", "PluginAnalysis", "plugins_of"]
 
 GUARD: Final = "mtls-guard"
 PRE_REQ: Final = "ext-plugin-pre-req"
-_POST: Final = ("ext-plugin-post-req", "ext-plugin-post-resp")
+_POST_RESP: Final = "ext-plugin-post-resp"
+_POST: Final = ("ext-plugin-post-req", _POST_RESP)
 _HOLDERS: Final = ("routes", "plugin_configs", "services", "global_rules")
 
 
@@ -135,13 +137,23 @@ class PluginAnalysis:
             if name != GUARD:
                 continue
             policy = self._policy(resource, at, value)
+            if phase == _POST_RESP:
+                self._add(
+                    "MG029",
+                    resource,
+                    f"{at}: mtls-guard refuses to run in {_POST_RESP} (the upstream has already handled the request "
+                    "by then), so every call fails and APISIX answers 503 after the upstream ran: the route is "
+                    "broken and unprotected",
+                    f"move the entry to {PRE_REQ}, which runs before authentication, other plugins and the upstream",
+                )
+                continue
             if phase != PRE_REQ:
                 self._add(
                     "MG021",
                     resource,
-                    f"mtls-guard in {phase} runs after authentication and the other plugins"
-                    + (" (post-resp: after the upstream already answered)" if phase.endswith("resp") else ""),
-                    f"move it to {PRE_REQ}, which runs before them",
+                    f"{at}: mtls-guard in {phase} runs after authentication and the other plugins, which act on "
+                    "requests it later denies",
+                    f"move the entry to {PRE_REQ}, which runs before them",
                 )
                 continue
             uses.append(GuardUse(resource, index, policy, runs_always))
@@ -190,7 +202,8 @@ class PluginAnalysis:
                 f"fix the policy; `mtls-guard check` explains it{hint}",
             )
             return None
-        if outcome.config.mode is Mode.REPORT:
+        # A route downgrading a named policy gets MG077 (lint_policy), which names the policy instead.
+        if outcome.config.mode is Mode.REPORT and named_policy_downgrade(outcome.config, self.library) is None:
             self._add(
                 "MG027",
                 resource,

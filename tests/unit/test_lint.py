@@ -426,13 +426,21 @@ class TestExtPluginChecks:
         data["routes"][0]["plugins"] = pre_req({"name": "audit", "value": "{}"}, allow_degradation=True)
         assert "MG020" not in codes(lint(data, known_plugins={"audit"}))
 
-    @pytest.mark.parametrize("phase", ["ext-plugin-post-req", "ext-plugin-post-resp"])
-    def test_guard_in_post_phases_warns(self, lint: Callable[..., LintResult], phase: str) -> None:
-        """mtls-guard in post-req/post-resp is MG021; pre-req (the good config) is not."""
+    @pytest.mark.parametrize(
+        ("phase", "code", "severity"),
+        [("ext-plugin-post-req", "MG021", Severity.WARNING), ("ext-plugin-post-resp", "MG029", Severity.ERROR)],
+    )
+    def test_guard_in_post_phases(
+        self, lint: Callable[..., LintResult], phase: str, code: str, severity: Severity
+    ) -> None:
+        """mtls-guard in post-req is MG021 (a warning), in post-resp MG029 (an error: every call is a 503)."""
         data = good_config()
         data["routes"][0]["plugins"] = pre_req(guard(), phase=phase)
-        assert [f.obj for f in found(lint(data), "MG021")] == ["routes/1"]
-        assert "MG021" not in codes(lint(good_config()))
+        result = lint(data)
+        (finding,) = found(result, code)
+        assert (finding.obj, finding.severity) == ("routes/1", severity)
+        assert not ({"MG021", "MG029"} - {code}) & codes(result)
+        assert not {"MG021", "MG029"} & codes(lint(good_config()))
 
     def test_invalid_policy_is_an_error_with_the_schema_message(self, lint: Callable[..., LintResult]) -> None:
         """An invalid mtls-guard value is MG022 carrying the PolicyError text."""
