@@ -1,17 +1,21 @@
 """``mtls-guard lint``: find every way an APISIX configuration lets mtls-guard fail open or break.
 
-Pipeline: load and merge the files (``lint_load``), validate ext-plugin configurations and policies
+Pipeline: load and merge the files (``lint_load``; Kubernetes manifests through ``lint_k8s``) and what
+a live Admin API serves (``lint_admin``), validate ext-plugin configurations and policies
 (``lint_plugins``), check SSL objects and certificates (``lint_tls``), then cross-check routes against
 SNIs (``lint_coverage``) and exemption rules against route hosts (``lint_exempt``). This module only
 wires them to the command line and renders the findings.
 
-Exit codes: 0 no errors (warnings and notes allowed), 1 at least one error, 2 unreadable input.
+Exit codes: 0 no errors (warnings and notes allowed), 1 at least one error, 2 unreadable input, an
+unreachable Admin API, or a usage error.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
+import re
 import sys
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -21,10 +25,11 @@ from importlib.metadata import entry_points
 from runner.registry import ENTRY_POINT_GROUP
 
 from .library import PolicyLibrary
+from .lint_admin import DEFAULT_KEY_ENV, AdminError, AdminSnapshot, fetch_admin
 from .lint_coverage import check_coverage
 from .lint_exempt import check_exemptions
 from .lint_findings import CODES, Findings, Severity
-from .lint_load import Config, InputError, load_files
+from .lint_load import Config, InputError, load_export, load_files
 from .lint_plugins import PluginAnalysis
 from .lint_tls import check_ssls
 from .schema import PolicyError
@@ -58,10 +63,14 @@ def lint_files(
     expiry_warning_days: int = 30,
     library: PolicyLibrary | None = None,
     known_plugins: Iterable[str] | None = None,
+    admin: AdminSnapshot | None = None,
 ) -> LintResult:
-    """Lint one configuration spread over ``paths``; raises InputError for unreadable input."""
+    """Lint one configuration spread over ``paths`` and ``admin`` (objects already fetched from a live
+    Admin API); raises InputError for unreadable input."""
     findings = Findings()
     config = load_files(paths, findings)
+    for kind, objects in (admin.objects if admin is not None else {}).items():
+        load_export(config, findings, kind, objects, origin="admin")
     plugins = PluginAnalysis(
         config,
         findings,
@@ -119,14 +128,47 @@ def _parse_now(text: str | None) -> datetime:
     return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
+def _admin_snapshot(args: argparse.Namespace) -> AdminSnapshot | None:
+    if args.admin_url is None:
+        if args.admin_key_env is not None:
+            raise InputError("--admin-key-env needs --admin-url")
+        return None
+    if not 0 < args.admin_timeout <= 3600:  # also refuses nan, which urllib would accept and never time out
+        raise InputError("--admin-timeout must be more than 0 and at most 3600 seconds")
+    var = args.admin_key_env or DEFAULT_KEY_ENV
+    if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", var):  # never echo it: it may be the key itself
+        raise InputError("--admin-key-env takes the *name* of an environment variable holding the key")
+    key = os.environ.get(var) or None
+    if key is None and args.admin_key_env is not None:
+        raise InputError(f"--admin-key-env {var}: the environment variable is unset or empty")
+    return fetch_admin(args.admin_url, key, key_env=var if key else None, timeout=args.admin_timeout)
+
+
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p = sub.add_parser(
         "lint",
-        help="check an APISIX config (apisix.yaml or Admin API export) for mTLS fail-open and breakage",
-        description="Check APISIX standalone apisix.yaml files or Admin API exports (JSON/YAML; several files "
-        "are merged into one configuration). Exit 0: no errors; 1: errors found; 2: unreadable input.",
+        help="check an APISIX config (apisix.yaml, Admin API export, Kubernetes manifests or a live Admin API) "
+        "for mTLS fail-open and breakage",
+        description="Check APISIX standalone apisix.yaml files, Admin API exports (JSON/YAML), APISIX Ingress "
+        "Controller manifests (apisix.apache.org/v2, multi-document YAML) and/or what a running APISIX serves "
+        "(--admin-url); everything given is merged into one configuration. Exit 0: no errors; 1: errors found; "
+        "2: unreadable input, unreachable Admin API or bad usage.",
     )
-    p.add_argument("files", nargs="+", metavar="FILE")
+    p.add_argument("files", nargs="*", metavar="FILE")
+    p.add_argument(
+        "--admin-url",
+        metavar="URL",
+        help="also read routes, services, plugin configs, global rules and SSLs from this Admin API "
+        "(APISIX 3.x, e.g. http://127.0.0.1:9180)",
+    )
+    p.add_argument(
+        "--admin-key-env",
+        metavar="VAR",
+        help=f"environment variable holding the Admin API key (default {DEFAULT_KEY_ENV}; if that is unset, "
+        "no key is sent); the key itself is never taken on the command line",
+    )
+    p.add_argument("--admin-key", help=argparse.SUPPRESS)  # only to refuse it with a clear message
+    p.add_argument("--admin-timeout", type=float, default=10.0, metavar="SECONDS", help="per request (default 10)")
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--expiry-warning-days", type=int, default=30, metavar="DAYS")
     p.add_argument("--policy-file", help="runner policy library (YAML) for named policies")
@@ -143,16 +185,26 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def main(args: argparse.Namespace) -> int:
     try:
+        if args.admin_key is not None:
+            # Command lines show up in ps output and shell history: the key only comes from the environment.
+            raise InputError(
+                "--admin-key is not accepted: put the key in an environment variable and name it "
+                "with --admin-key-env VAR"
+            )
+        if not args.files and args.admin_url is None:
+            raise InputError("give at least one FILE, or --admin-url URL")
         now = _parse_now(args.now)
         library = PolicyLibrary.from_yaml_file(args.policy_file) if args.policy_file else None
+        admin = _admin_snapshot(args)
         result = lint_files(
             args.files,
             now=now,
             expiry_warning_days=args.expiry_warning_days,
             library=library,
             known_plugins=installed_plugins() | set(args.plugin),
+            admin=admin,
         )
-    except (InputError, PolicyError) as exc:
+    except (InputError, PolicyError, AdminError) as exc:
         print(f"mtls-guard lint: {exc}", file=sys.stderr)
         return EXIT_UNREADABLE
     print(render_json(result) if args.format == "json" else render_text(result))

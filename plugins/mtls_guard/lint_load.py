@@ -1,12 +1,19 @@
-"""Input of ``mtls-guard lint``: standalone ``apisix.yaml`` and Admin API exports -> one resource model.
+"""Input of ``mtls-guard lint``: standalone ``apisix.yaml``, Admin API exports and Kubernetes manifests
+-> one resource model.
 
-Accepted shapes, per file (YAML or JSON, told apart by extension, else by the first character):
+Accepted shapes, per file (YAML, several documents allowed, or JSON; told apart by extension, else by
+the first character):
 
 * standalone / combined export: ``{"routes": [...], "ssls": [...], ...}`` with plain objects, Admin API
   items (``{"key": ..., "value": {...}}``) or a list response per resource;
 * an Admin API list response ``{"list": [{"key": "/apisix/routes/1", "value": {...}}], "total": n}``;
 * an Admin API single object ``{"key": ..., "value": {...}}`` and the 2.x ``{"node": {"nodes": [...]}}``;
-* a bare list of objects.
+* a bare list of objects;
+* Kubernetes manifests, when an ``apisix.apache.org`` object is anywhere in the input: the
+  controller's CRDs are mapped by ``lint_k8s``, every other Kubernetes object (Secret, Service, ...)
+  belongs to the layout and is skipped. Without any CRD, a lone ConfigMap is a wrong file (MG003).
+
+The live Admin API (``lint_admin``) feeds the same model through ``load_export``.
 
 Where an item's kind is not in the data (no ``key``), it comes from the file name (``routes.json``,
 ``ssls-export.json``). Anything the loader cannot place is reported, never silently dropped: a lint
@@ -25,8 +32,9 @@ from typing import Any, Final
 import yaml
 
 from .lint_findings import Findings
+from .lint_k8s import KubernetesLayout, is_apisix_manifest, kubernetes_objects
 
-__all__ = ["CHECKED_KINDS", "Config", "InputError", "LoadedFile", "Resource", "load_files"]
+__all__ = ["CHECKED_KINDS", "Config", "InputError", "LoadedFile", "Resource", "load_export", "load_files"]
 
 # Resources the checks read; the others are known APISIX resources that carry nothing mTLS-relevant here.
 CHECKED_KINDS: Final = ("routes", "services", "ssls", "global_rules", "plugin_configs")
@@ -35,6 +43,8 @@ OTHER_KINDS: Final = frozenset(
 )
 _ALL_KINDS: Final = (*CHECKED_KINDS, *sorted(OTHER_KINDS))
 _ADMIN_ITEM_KEYS: Final = frozenset({"key", "value", "createdIndex", "modifiedIndex", "create_time", "update_time"})
+# GET /apisix/admin/configs (API-driven standalone, apisix/admin/standalone.lua) stores these beside the lists.
+_STANDALONE_META: Final = frozenset({"X-Last-Modified", "X-Digest"})
 _KEY_RE: Final = re.compile(r"/apisix/([a-z_]+)(?:/([^/]+))?/?\Z")
 MAX_FILE_BYTES: Final = 32 << 20
 
@@ -60,7 +70,7 @@ class Resource:
 class LoadedFile:
     path: str
     format: str  # "yaml" | "json"
-    shape: str  # "standalone", "admin-list", "admin-object", "admin-v2", "list", "unrecognised"
+    shape: str  # "standalone", "admin-list", "admin-object", "admin-v2", "list", "kubernetes", "admin-api", ...
     resources: int = 0
 
 
@@ -115,10 +125,13 @@ def _construct_located_map(loader: _Loader, node: yaml.MappingNode) -> Iterator[
 _Loader.add_constructor("tag:yaml.org,2002:map", _construct_located_map)
 
 
-def _parse_yaml(text: str, path: str) -> tuple[object, list[tuple[str, int | None]]]:
+def _parse_yaml(text: str, path: str) -> tuple[list[object], list[tuple[str, int | None]]]:
     loader = _Loader(text)
     try:
-        return loader.get_single_data(), loader.duplicates
+        documents = []
+        while loader.check_data():  # type: ignore[no-untyped-call]  # "---"-separated documents, as kubectl reads
+            documents.append(loader.get_data())
+        return [d for d in documents if d is not None] or [None], loader.duplicates
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
@@ -128,7 +141,7 @@ def _parse_yaml(text: str, path: str) -> tuple[object, list[tuple[str, int | Non
         loader.dispose()
 
 
-def _parse_json(text: str, path: str) -> tuple[object, list[tuple[str, int | None]]]:
+def _parse_json(text: str, path: str) -> tuple[list[object], list[tuple[str, int | None]]]:
     duplicates: list[tuple[str, int | None]] = []
 
     def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
@@ -140,7 +153,7 @@ def _parse_json(text: str, path: str) -> tuple[object, list[tuple[str, int | Non
         return out
 
     try:
-        return json.loads(text, object_pairs_hook=pairs), duplicates
+        return [json.loads(text, object_pairs_hook=pairs)], duplicates
     except json.JSONDecodeError as exc:
         raise InputError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
 
@@ -188,11 +201,12 @@ def _kind_from_name(path: str) -> str | None:
 
 
 class _Recogniser:
-    def __init__(self, config: Config, findings: Findings, loaded: LoadedFile) -> None:
+    def __init__(self, config: Config, findings: Findings, loaded: LoadedFile, item_source: str | None = None) -> None:
         self.config = config
         self.findings = findings
         self.file = loaded
         self.name_kind = _kind_from_name(loaded.path)
+        self.item_source = item_source  # "admin:" -> each resource's source is "admin:<kind>/<id>"
         self.recognised = 0  # objects placed, checked or not: zero means the file was not understood
 
     def note(self, code: str, obj: str, message: str, fix: str, line: int | None = None) -> None:
@@ -229,7 +243,7 @@ class _Recogniser:
                     self.note("MG004", f"{key}", f"'{key}' must be a list of objects", "make it a YAML/JSON list")
                     continue
                 self.items(key, items, key)
-            elif key in OTHER_KINDS or (isinstance(key, str) and key.endswith("_conf_version")):
+            elif key in OTHER_KINDS | _STANDALONE_META or (isinstance(key, str) and key.endswith("_conf_version")):
                 self.recognised += 1
             else:
                 self.note(
@@ -265,7 +279,9 @@ class _Recogniser:
                 self.recognised += 1  # placed, just broken: reported here, not as "unrecognised file"
                 self.note("MG004", f"{item_kind}/{ident_text}", f"{at} is not an object", "remove it or fix it", line)
                 continue
-            self.add(Resource(item_kind, ident_text, value, self.file.path, line))
+            source = f"{self.item_source}{item_kind}/{ident_text}" if self.item_source else self.file.path
+            _add(self.config, self.findings, self.file, Resource(item_kind, ident_text, value, source, line))
+            self.recognised += 1
         if unplaced:
             self.note(
                 "MG002",
@@ -275,23 +291,25 @@ class _Recogniser:
                 "name the file after its resource (routes.json, ssls.json, ...) or export with the Admin API keys",
             )
 
-    def add(self, resource: Resource) -> None:
-        twin = self.config.get(resource.kind, resource.id)
-        if twin is not None:
-            self.note(
-                "MG005",
-                resource.label,
-                f"defined twice ({twin.source} and {resource.source}); APISIX keeps only one of them",
-                "give every object a unique id",
-                resource.line,
-            )
-        self.config.resources[resource.kind].append(resource)
-        self.file.resources += 1
-        self.recognised += 1
+
+def _add(config: Config, findings: Findings, loaded: LoadedFile, resource: Resource) -> None:
+    twin = config.get(resource.kind, resource.id)
+    if twin is not None:
+        findings.add(
+            "MG005",
+            resource.label,
+            f"defined twice ({twin.source} and {resource.source}); APISIX keeps only one of them",
+            "give every object a unique id",
+            source=resource.source,
+            line=resource.line,
+        )
+    config.resources[resource.kind].append(resource)
+    loaded.resources += 1
 
 
 _SHAPES_FIX: Final = (
-    "give an apisix.yaml with top-level routes/ssls/..., or an Admin API export ({'list': [{'value': ...}]})"
+    "give an apisix.yaml with top-level routes/ssls/..., an Admin API export ({'list': [{'value': ...}]}), "
+    "or Kubernetes manifests with apisix.apache.org/v2 objects"
 )
 
 
@@ -300,34 +318,81 @@ def _end_flag_present(text: str) -> bool:
     return "#END" in text.encode("utf-8")[-10:].decode("utf-8", "ignore")
 
 
+@dataclass(frozen=True, slots=True)
+class _Parsed:
+    path: str
+    format: str
+    text: str
+    documents: list[object]
+    duplicates: list[tuple[str, int | None]]
+
+
+def _parse(path: str) -> _Parsed:
+    text = _read(path)
+    fmt = _format_of(path, text)
+    documents, duplicates = _parse_yaml(text, path) if fmt == "yaml" else _parse_json(text, path)
+    return _Parsed(path, fmt, text, documents, duplicates)
+
+
+def _unrecognised_detail(documents: Sequence[object]) -> str:
+    kinds = dict.fromkeys(str(o.get("kind")) for d in documents for o in kubernetes_objects(d) or ())
+    if kinds:
+        return f" (Kubernetes {', '.join(kinds)}; no apisix.apache.org object is in the input)"
+    data = documents[0] if len(documents) == 1 else documents
+    what = "empty" if data is None else f"a {type(data).__name__}" if not isinstance(data, list | dict) else ""
+    return f" (the document is {what})" if what else ""
+
+
 def load_files(paths: Sequence[str], findings: Findings) -> Config:
     """Parse and merge every file; raises InputError for a file that cannot be read or parsed."""
+    parsed = [_parse(path) for path in paths]  # the layout mode below depends on every file
     config = Config()
-    for path in paths:
-        text = _read(path)
-        fmt = _format_of(path, text)
-        data, duplicates = _parse_yaml(text, path) if fmt == "yaml" else _parse_json(text, path)
-        loaded = LoadedFile(path, fmt, "unrecognised")
+    # Kubernetes objects are read as a layout only when the controller's CRDs are in the input: a
+    # Deployment next to an ApisixRoute is part of the deployment, alone it is the wrong file.
+    kubernetes = any(is_apisix_manifest(d) for p in parsed for d in p.documents)
+    layout = KubernetesLayout(findings) if kubernetes else None
+    by_path: dict[str, LoadedFile] = {}
+    for p in parsed:
+        loaded = by_path[p.path] = LoadedFile(p.path, p.format, "unrecognised")
         config.files.append(loaded)
-        for duplicate, line in duplicates:
+        for duplicate, line in p.duplicates:
             message = f"{duplicate}: YAML/JSON readers disagree on which copy wins"
-            findings.add("MG004", path, message, "remove one copy", source=path, line=line)
+            findings.add("MG004", p.path, message, "remove one copy", source=p.path, line=line)
         recogniser = _Recogniser(config, findings, loaded)
-        recogniser.top(data)
-        if not recogniser.recognised and not _is_empty_collection(data):
+        for document in p.documents:
+            if layout is not None and layout.take(document, p.path):
+                loaded.shape = "kubernetes"
+                recogniser.recognised += 1
+            else:
+                recogniser.top(document)
+        if not recogniser.recognised and not all(_is_empty_collection(d) for d in p.documents):
             loaded.shape = "unrecognised"
-            what = "empty" if data is None else f"a {type(data).__name__}" if not isinstance(data, list | dict) else ""
-            detail = f" (the document is {what})" if what else ""
-            findings.add("MG003", path, f"no APISIX resource recognised{detail}", _SHAPES_FIX, source=path)
-        if fmt == "yaml" and loaded.shape == "standalone" and not _end_flag_present(text):
+            message = f"no APISIX resource recognised{_unrecognised_detail(p.documents)}"
+            findings.add("MG003", p.path, message, _SHAPES_FIX, source=p.path)
+        if p.format == "yaml" and loaded.shape == "standalone" and not _end_flag_present(p.text):
             findings.add(
                 "MG001",
-                path,
+                p.path,
                 "does not end with '#END': APISIX's standalone mode ignores the file and keeps the old config",
                 "add a last line '#END'",
-                source=path,
+                source=p.path,
             )
+    mapped = layout.resources() if layout is not None else []
+    for m in mapped:
+        _add(config, findings, by_path[m.source], Resource(m.kind, m.id, m.value, m.source, m.line))
+    if layout is not None and not mapped:  # only kinds the linter skips: nothing was checked
+        for loaded in (f for f in config.files if f.shape == "kubernetes"):
+            message = "no APISIX resource recognised (no apisix.apache.org/v2 ApisixRoute, ApisixTls, ...)"
+            findings.add("MG003", loaded.path, message, _SHAPES_FIX, source=loaded.path)
     return config
+
+
+def load_export(config: Config, findings: Findings, kind: str, items: Sequence[object], *, origin: str) -> None:
+    """Add objects of one kind read from a live source (``origin`` "admin"): listed as ``admin:<kind>``,
+    each resource's source is ``admin:<kind>/<id>``; objects without an id are numbered as in files."""
+    loaded = LoadedFile(f"{origin}:{kind}", "json", "admin-api")
+    config.files.append(loaded)
+    _Recogniser(config, findings, loaded, item_source=f"{origin}:").items(kind, items, kind)
 
 
 def _is_empty_collection(data: object) -> bool:
