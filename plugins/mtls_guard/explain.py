@@ -17,13 +17,14 @@ from urllib.parse import unquote_plus
 from runner.driver import Pending
 from runner.plugin import HTTPRequest
 from runner.protocol import codec
+from runner.protocol.codec import HTTPReqCall
 from runner.protocol.messages import ExtraInfoQuery, Method, Pairs, Stop, VarQuery
 
 from .decision import Decision, RequestInput, host_binds
-from .matchers import DomainSet, authority_host, compile_regex
+from .matchers import DomainSet, authority_host, compile_regex, normalize_host
 from .paths import classify_path
 from .plugin import MtlsGuard, read_facts
-from .policy import CompiledPolicy
+from .policy import METHOD_OVERRIDE_ARG, METHOD_OVERRIDE_HEADERS, CompiledPolicy
 from .schema import ExemptRule
 
 __all__ = ["Explanation", "TableChannel", "explain", "nginx_uri", "query_args"]
@@ -121,26 +122,76 @@ def query_args(query: str) -> Pairs:
     return tuple(args)
 
 
-def _why_not(rule: ExemptRule, facts: RequestInput, judged: str, why_ambiguous: str, binds: bool | None) -> str:
-    """Why ``rule`` does not exempt the request ("" when it does)."""
-    if why_ambiguous:
-        return f"the path is ambiguous ({why_ambiguous}): ambiguous paths are never exempt"
-    if rule.path is not None and compile_regex(rule.path).fullmatch(judged.encode("utf-8")) is None:
-        return f"the path {judged!r} does not full-match {rule.path!r}"
-    methods = frozenset({"OPTIONS"}) if rule.preflight else rule.methods
-    if methods is not None:
-        if facts.method.upper() not in methods:
-            return f"the method {facts.method} is not one of {'|'.join(sorted(methods))}"
+# The form types plugin.method_traits treats as a possible _method carrier: it decides, this only names the cause.
+_FORM_TYPES = ("application/x-www-form-urlencoded", "multipart/form-data")
+
+
+def _override(call: HTTPReqCall, method: str) -> str:
+    """Which method override the request carries, named for the operator ("" for none found).
+
+    method_traits decides; this only names what it found, in the same order it looks."""
+    spellings = call.header_spellings(METHOD_OVERRIDE_HEADERS)
+    if spellings:
+        return f"the header {spellings[0]}"
+    for name, value in call.args:
+        for text in (name, value or ""):
+            if METHOD_OVERRIDE_ARG in text.lower() or "%5fmethod" in text.lower():
+                return f"the query argument {name}" + ("" if value is None else f"={value}")
+    content_type = call.header("content-type") or ""
+    if method == "POST" and content_type.lower().startswith(_FORM_TYPES):
+        return f"a POST form body ({content_type.split(';')[0]}), which may hold _method"
+    return ""
+
+
+@dataclass(frozen=True, slots=True)
+class _Request:
+    """What the exemption rules are checked against, as the engine sees it."""
+
+    facts: RequestInput
+    call: HTTPReqCall
+    judged: str  # the canonical path (decoded once when the upstream receives it encoded)
+    why_ambiguous: str
+    variables: Mapping[str, str | None]
+
+
+def _host_unbound(request: _Request) -> str:
+    """Why the Host cannot be believed (decision.host_binds is False), naming the name that differs."""
+    host = request.facts.host
+    routed = request.variables.get("host")
+    if routed is None or normalize_host(routed) != host:
+        return f"nginx routed on another host ($host {routed!r}) than the Host {host!r}"
+    sni = request.variables.get("ssl_server_name")
+    return f"the TLS SNI {sni!r} is another name than the Host {host!r}, so the Host cannot be believed (421)"
+
+
+def _why_not(rule: ExemptRule, request: _Request) -> str:
+    """Why ``rule`` does not exempt the request ("" when it does), in the order the engine checks."""
+    facts = request.facts
+    if request.why_ambiguous:
+        path = facts.path or ""
+        return f"the path {path!r} is ambiguous ({request.why_ambiguous}): ambiguous paths are never exempt"
+    if rule.path is not None and compile_regex(rule.path).fullmatch(request.judged.encode("utf-8")) is None:
+        return f"the path pattern {rule.path!r} does not match the canonical path {request.judged!r}"
+    method = facts.method.upper()
+    if rule.preflight and method != "OPTIONS":
+        return f"not a CORS preflight: the method is {method}, not OPTIONS"
+    if rule.methods is not None and method not in rule.methods:
+        return f"the method {method} is not listed ({'|'.join(sorted(rule.methods))})"
+    if rule.preflight or rule.methods is not None:
         traits = facts.method_traits()
         if traits.overridden:
-            return "a method-override header, _method argument or form body is present (another method may be acted on)"
+            found = _override(request.call, method) or "a method override"
+            return f"a method override is present ({found}): the upstream may act on another method"
         if rule.preflight and not traits.preflight:
-            return "not a CORS preflight (OPTIONS needs Origin and Access-Control-Request-Method)"
+            missing = [h for h in ("Origin", "Access-Control-Request-Method") if request.call.header(h) is None]
+            return f"not a CORS preflight: OPTIONS without {' and '.join(missing)}"
     if rule.hosts is not None:
+        if facts.host is None:
+            return f"the request has no usable Host header (the rule names {'|'.join(rule.hosts)})"
         if not DomainSet.of(rule.hosts).matches(facts.host):
-            return f"the Host {facts.host!r} is not one of {'|'.join(rule.hosts)}"
-        if binds is False:
-            return "the Host names an exempt host but the TLS SNI or the routed host ($host) is another name (421)"
+            return f"the Host {facts.host!r} differs from the rule's hosts ({'|'.join(rule.hosts)})"
+        if not host_binds(facts.host, request.variables):
+            return _host_unbound(request)
     return ""
 
 
@@ -155,10 +206,14 @@ def explain(
     args: Pairs = (),
     src_ip: str = "127.0.0.1",
 ) -> Explanation:
+    try:
+        code = Method[method.upper()].value
+    except KeyError:
+        raise ValueError(f"APISIX passes no method {method!r} to the runner") from None
     frame = codec.http_req_call_frame(
         id=0,
         conf_token=1,
-        method=Method[method.upper()].value,
+        method=code,
         path=path,
         src_ip=ipaddress.ip_address(src_ip).packed,
         headers=headers,
@@ -174,11 +229,18 @@ def explain(
     facts = facts._replace(host=authority_host(call.header("host")))
     encoded = "%" in path and bool(variables.get("upstream_uri"))
     judged, why_ambiguous = classify_path(path, encoded=encoded)
-    binds = host_binds(facts.host, variables)
+    seen = _Request(facts, call, judged, why_ambiguous, variables)
     lines = []
+    applied = ""
     for rule in policy.config.exempt:
-        reason = _why_not(rule, facts, judged, why_ambiguous, binds)
-        lines.append(f"[{rule.id}] " + (f"no: {reason}" if reason else "yes"))
+        reason = _why_not(rule, seen)
+        if reason:
+            lines.append(f"[{rule.id}] no: {reason}")
+        elif applied:
+            lines.append(f"[{rule.id}] yes, but [{applied}] comes first")
+        else:
+            applied = rule.id
+            lines.append(f"[{rule.id}] yes: exempts this request")
     return Explanation(
         decision=decision,
         stop=stop,
