@@ -42,7 +42,7 @@ COPY plugins/ /tmp/mtls-guard-src/plugins/
 
 # pip builds the wheel with hatchling in an isolated build environment, installs it and its
 # dependencies (binary wheels), and byte-compiles everything now: at run time the runner is uid 636
-# and cannot write into /opt. The `metrics` extra makes the opt-in metrics_addr usable.
+# and cannot write into /opt. The `metrics` extra serves metrics_addr (on in conf/mtls-guard.yaml).
 # The smoke test proves the console script and its imports work.
 RUN set -eux; \
     /opt/mtls-guard/bin/pip install --no-cache-dir --disable-pip-version-check "/tmp/mtls-guard-src[metrics]"; \

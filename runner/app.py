@@ -12,7 +12,9 @@ from typing import Any, NoReturn
 
 from .balance import ConnectionBalance
 from .httpd import HealthEndpoint
+from .logs import NOTICE
 from .metrics import MetricsSource, RPCStats, build_registry, live_view
+from .preflight import missing_extra
 from .registry import PluginRegistry
 from .server import RunnerServer, StartupError
 from .session import RPCObserver
@@ -60,21 +62,41 @@ def server_gauges(server: RunnerServer) -> dict[str, tuple[str, Callable[[], flo
     }
 
 
+def serving_line(socket_path: str, workers: int, endpoint: HealthEndpoint | None) -> None:
+    """The one line per start that shows at the default log level (see runner.logs.NOTICE)."""
+    metrics = endpoint.address if endpoint is not None else "off"
+    log.log(NOTICE, "event=serving socket=%s workers=%d metrics=%s pid=%d", socket_path, workers, metrics, os.getpid())
+
+
 def _metrics_endpoint(
-    address: str, registry: PluginRegistry, observers: list[RPCObserver]
+    settings: Settings, registry: PluginRegistry, observers: list[RPCObserver]
 ) -> Callable[[RunnerServer], HealthEndpoint]:
     """Prepare /metrics + health; raises ImportError without prometheus-client."""
     from prometheus_client import generate_latest
 
+    assert settings.metrics_addr is not None
+    address = settings.metrics_addr
     stats = RPCStats()
     observers.append(stats)
     sources = [p for p in registry if isinstance(p, MetricsSource)]
 
     def build(server: RunnerServer) -> HealthEndpoint:
         prom = build_registry(live_view(stats, server_gauges(server), sources))
-        return HealthEndpoint(address, ready=server.ready, metrics=lambda: bytes(generate_latest(prom)))
+        return HealthEndpoint(
+            address,
+            ready=server.ready,
+            metrics=lambda: bytes(generate_latest(prom)),
+            share_port=settings.replace,
+        )
 
     return build
+
+
+async def close_when_superseded(superseded: asyncio.Event, endpoint: HealthEndpoint) -> None:
+    """Hand the metrics port to the runner that took the socket over: while both listen on it
+    (SO_REUSEPORT), scrapes and probes would land on either one at random."""
+    await superseded.wait()
+    await endpoint.close()
 
 
 def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
@@ -83,7 +105,7 @@ def _new_loop(kind: str) -> asyncio.AbstractEventLoop:
             import uvloop
         except ImportError:
             if kind == "uvloop":
-                raise StartupError("event_loop uvloop requested but uvloop is not installed") from None
+                raise StartupError(missing_extra("uvloop")) from None
         else:
             loop: asyncio.AbstractEventLoop = uvloop.new_event_loop()
             return loop
@@ -113,9 +135,9 @@ def run(
     endpoint_factory = None
     if settings.metrics_addr is not None:
         try:
-            endpoint_factory = _metrics_endpoint(settings.metrics_addr, registry, observers)
-        except ImportError:
-            log.error("event=startup_failed reason='metrics_addr needs the metrics extra (prometheus-client)'")
+            endpoint_factory = _metrics_endpoint(settings, registry, observers)
+        except ImportError:  # runner.preflight catches this first; this is for in-process callers
+            log.error("event=startup_failed reason=%r", missing_extra("metrics"))
             return EXIT_STARTUP_FAILURE
     server = RunnerServer(
         settings, registry, observers=observers, listen_socket=listen_socket, shared=shared, balance=balance
@@ -137,18 +159,28 @@ def run(
             if endpoint is not None:
                 await endpoint.close()
             return EXIT_STARTUP_FAILURE
+        if listen_socket is None:  # a worker's supervisor says it once for all of them
+            serving_line(settings.listen, 1, endpoint)
         side = asyncio.ensure_future(extra(server)) if extra is not None else None
+        handover = None
+        if endpoint is not None:
+            handover = asyncio.ensure_future(close_when_superseded(server.superseded, endpoint))
         try:
             await server.serve()
         finally:
             server.remove_signal_handlers()
-            if side is not None:
-                side.cancel()
+            for task in (side, handover):
+                if task is not None:
+                    task.cancel()
             if endpoint is not None:
                 await endpoint.close()
         return EXIT_OK
 
-    loop = _new_loop(settings.event_loop)
+    try:
+        loop = _new_loop(settings.event_loop)
+    except StartupError as exc:  # runner.preflight catches this first; this is for workers and in-process callers
+        log.error("event=startup_failed reason=%r", str(exc))
+        return EXIT_STARTUP_FAILURE
     try:
         return loop.run_until_complete(main())
     finally:

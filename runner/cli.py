@@ -1,7 +1,8 @@
 """The ``mtls-guard`` command: ``run`` serves APISIX; the operator tools come from the plugin package.
 
 Exit codes: 0 success, 1 a tool's negative verdict (invalid policy, lint errors, denied request),
-2 usage error, 3 start-up failure (bad settings, socket unusable) — reported in one line first.
+2 usage error, 3 start-up failure (bad settings, missing extra, socket unusable or served by another
+runner) — reported in one line first.
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ from collections.abc import Callable, Sequence
 from .app import EXIT_STARTUP_FAILURE, exit_now, run
 from .cpus import usable_cpus
 from .logs import configure_logging
+from .preflight import check_extras, check_socket_path
 from .registry import PluginRegistry, RegistryError
+from .server import StartupError
 from .settings import SettingsError, load_settings
 
 log = logging.getLogger("mtls_guard.runner")
@@ -43,6 +46,12 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--event-loop", choices=("auto", "asyncio", "uvloop"))
     p.add_argument("--workers", type=int, help="worker processes (default and ceiling: the CPUs this process may use)")
     p.add_argument("--metrics-addr", metavar="HOST:PORT", help="serve /metrics, /healthz, /readyz (opt-in)")
+    p.add_argument(
+        "--replace",
+        action="store_true",
+        default=None,
+        help="take the socket over even if another runner serves it (implied for APISIX_LISTEN_ADDRESS)",
+    )
     p.set_defaults(command=_run)
 
 
@@ -55,12 +64,15 @@ def _run(args: argparse.Namespace) -> int:
         "event_loop": args.event_loop,
         "metrics_addr": args.metrics_addr,
         "workers": args.workers,
+        "replace": args.replace,
     }
     try:
         settings = load_settings(environ=os.environ, config_file=args.config, overrides=overrides)
         configure_logging(settings.log_level, settings.log_file)
+        check_extras(settings)
+        check_socket_path(settings)
         registry = PluginRegistry.discover()
-    except (SettingsError, RegistryError, OSError) as exc:
+    except (SettingsError, StartupError, RegistryError, OSError) as exc:
         print(f"mtls-guard: error: {exc}", file=sys.stderr)
         return EXIT_STARTUP_FAILURE
     usable = usable_cpus()
@@ -77,11 +89,44 @@ def _run(args: argparse.Namespace) -> int:
     return exit_now(code)  # the process ends here, without the interpreter's slow teardown
 
 
+def package_version() -> str:
+    """The installed distribution's version; in a source checkout that was never installed, the
+    one pyproject.toml declares."""
+    from importlib import metadata
+
+    try:
+        return metadata.version("apisix-mtls-guard")
+    except metadata.PackageNotFoundError:
+        pass
+    import tomllib
+    from pathlib import Path
+
+    try:
+        with (Path(__file__).resolve().parent.parent / "pyproject.toml").open("rb") as f:
+            project = tomllib.load(f)["project"]
+    except (OSError, KeyError, tomllib.TOMLDecodeError):
+        return "unknown"
+    # Only ours: a wheel installed without metadata could sit next to someone else's pyproject.toml.
+    return str(project.get("version", "unknown")) if project.get("name") == "apisix-mtls-guard" else "unknown"
+
+
+class _VersionAction(argparse.Action):
+    """Like argparse's "version" action, but looks the version up only when asked (start-up stays cheap)."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: object) -> None:
+        super().__init__(option_strings, dest, nargs=0, help="print the version and exit")
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: object, **kwargs: object) -> None:
+        print(f"mtls-guard {package_version()}")
+        parser.exit(0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="mtls-guard",
         description="Fine-grained mutual-TLS policy for Apache APISIX (ext-plugin runner + tools).",
     )
+    parser.add_argument("--version", action=_VersionAction)
     sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
     _add_run(sub)
     try:

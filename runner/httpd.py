@@ -3,13 +3,20 @@
 It runs in the same loop as the protocol server on purpose: if ``/healthz`` answers, the loop that
 serves APISIX is alive. Opt-in (``metrics_addr``), GET only, one request per connection, bounded
 request size and time — it is meant for a scraper and a kubelet, not for the internet.
+
+- ``/healthz``: 200 whenever this loop answers (a single process: the loop serving APISIX; with
+  workers: the supervisor's loop). Meant for liveness probes.
+- ``/readyz``: 200 while ``ready()`` holds, else 503 (runner.server / runner.supervisor: listening,
+  not stopping, the socket file at the path is still ours, and with workers at least one alive).
+  Meant for readiness probes.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
-from collections.abc import Callable
+import inspect
+from collections.abc import Awaitable, Callable
 
 __all__ = ["HealthEndpoint", "parse_host_port"]
 
@@ -34,11 +41,16 @@ class HealthEndpoint:
         address: str,
         *,
         ready: Callable[[], bool],
-        metrics: Callable[[], bytes] | None,
+        metrics: Callable[[], bytes | Awaitable[bytes]] | None,
+        share_port: bool = False,
     ) -> None:
+        """``share_port`` (SO_REUSEPORT) lets a runner that takes the socket over from a live one
+        bind the same port while its predecessor still holds it (APISIX reload); Linux only allows
+        that between processes of the same user, and only if the holder set it too."""
         self._host, self._port = parse_host_port(address, allow_ephemeral=True)
         self._ready = ready
         self._metrics = metrics
+        self._share_port = share_port
         self._server: asyncio.Server | None = None
 
     @property
@@ -47,8 +59,16 @@ class HealthEndpoint:
         sock = self._server.sockets[0]
         return int(sock.getsockname()[1])
 
+    @property
+    def address(self) -> str:
+        """HOST:PORT actually bound (for the start-up line)."""
+        host = f"[{self._host}]" if ":" in self._host else self._host
+        return f"{host}:{self.port}"
+
     async def start(self) -> None:
-        self._server = await asyncio.start_server(self._handle, self._host, self._port)
+        self._server = await asyncio.start_server(
+            self._handle, self._host, self._port, reuse_port=self._share_port or None
+        )
 
     async def close(self) -> None:
         if self._server is not None:
@@ -65,7 +85,7 @@ class HealthEndpoint:
         if len(head) > _MAX_REQUEST:
             status, body, ctype = "431 Request Header Fields Too Large", b"", "text/plain"
         else:
-            status, body, ctype = self._route(head.split(b"\r\n", 1)[0])
+            status, body, ctype = await self._route(head.split(b"\r\n", 1)[0])
         writer.write(
             f"HTTP/1.1 {status}\r\nContent-Type: {ctype}\r\nContent-Length: {len(body)}\r\n"
             "Connection: close\r\n\r\n".encode("ascii")
@@ -75,7 +95,7 @@ class HealthEndpoint:
             await writer.drain()
         writer.close()
 
-    def _route(self, request_line: bytes) -> tuple[str, bytes, str]:
+    async def _route(self, request_line: bytes) -> tuple[str, bytes, str]:
         parts = request_line.split(b" ")
         if len(parts) != 3 or parts[0] not in (b"GET", b"HEAD"):
             return "405 Method Not Allowed", b"GET only\n", "text/plain"
@@ -87,5 +107,8 @@ class HealthEndpoint:
                 return "200 OK", b"ready\n", "text/plain"
             return "503 Service Unavailable", b"not ready\n", "text/plain"
         if path == b"/metrics" and self._metrics is not None:
-            return "200 OK", self._metrics(), "text/plain; version=0.0.4; charset=utf-8"
+            body = self._metrics()
+            if inspect.isawaitable(body):  # the supervisor asks its workers at scrape time
+                body = await body
+            return "200 OK", body, "text/plain; version=0.0.4; charset=utf-8"
         return "404 Not Found", b"not found\n", "text/plain"

@@ -4,6 +4,10 @@ When APISIX spawns the runner, stdout and stderr are copied into APISIX's error.
 (wrapped in nginx's own prefix), so the default threshold is ``warning`` and the format stays
 plain ``key=value`` text that survives the wrapping. A log file, when configured, receives the
 same lines with timestamps.
+
+``NOTICE`` ranks *above* ``WARNING`` on purpose (unlike syslog's notice): it marks the one line per
+start an operator must see at the default threshold (``event=serving``: socket, workers, metrics
+address) without calling it a warning; only ``log_level: error`` hides it.
 """
 
 from __future__ import annotations
@@ -11,9 +15,11 @@ from __future__ import annotations
 import logging
 import sys
 
-__all__ = ["LOGGER_NAME", "configure_logging"]
+__all__ = ["LOGGER_NAME", "NOTICE", "configure_logging"]
 
 LOGGER_NAME = "mtls_guard"
+NOTICE = logging.WARNING + 5
+logging.addLevelName(NOTICE, "NOTICE")
 _STREAM_FORMAT = "mtls-guard %(levelname)s %(message)s"
 _FILE_FORMAT = "%(asctime)s pid=%(process)d %(levelname)s %(message)s"
 

@@ -50,7 +50,13 @@ class Plugin(Protocol[ConfT]):
     name: str
 
     def setup(self, options: Mapping[str, Any]) -> None:
-        """Called once at start-up with the plugin's section of the runner settings."""
+        """Called once at start-up with the plugin's section of the runner settings.
+
+        Paths: an option whose key ends in ``_file`` or ``_dir`` (a string), or in ``_files`` or
+        ``_dirs`` (a list of strings), arrives with relative values already resolved against the
+        directory of the runner's config file, so ``policy_file: policies.yaml`` means the file next
+        to the config wherever the runner was started. Name path options that way; any other option
+        arrives exactly as written."""
 
     def parse_conf(self, value: str) -> ConfT:
         """Validate and compile one route config; raise (any exception) to reject it."""

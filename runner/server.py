@@ -15,7 +15,7 @@ import socket
 import stat
 import time
 from collections.abc import Iterable
-from typing import cast
+from typing import Literal, cast
 
 from .balance import Acceptor, ConnectionBalance
 from .confcache import ConfStore
@@ -24,7 +24,7 @@ from .session import RPCObserver, Session, SessionConfig
 from .settings import Settings
 from .sharedconf import SharedConfs
 
-__all__ = ["RunnerServer", "StartupError", "bind_unix_socket", "socket_file_is"]
+__all__ = ["RunnerServer", "StartupError", "bind_unix_socket", "in_use_message", "socket_file_is", "socket_is_live"]
 
 log = logging.getLogger("mtls_guard.runner")
 
@@ -59,8 +59,40 @@ def socket_file_is(path: str, inode: int | None) -> bool:
     return stat.S_ISSOCK(st.st_mode) and st.st_ino == inode
 
 
-def bind_unix_socket(path: str, mode: int) -> socket.socket:
-    """Bind a listening socket at ``path``, replacing a stale socket but never another file."""
+def socket_is_live(path: str, timeout: float = 1.0) -> bool:
+    """Whether a process accepts connections on the Unix socket at ``path``.
+
+    Refused (or gone) means a stale file: a runner killed with SIGKILL leaves its socket behind,
+    and APISIX respawns the runner 3 s later. A connection, a full backlog (EAGAIN) or a slow
+    answer mean someone listens. The probe connection closes without a byte; a runner sees an
+    ordinary disconnect."""
+    probe = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    probe.settimeout(timeout)
+    try:
+        probe.connect(path)
+    except (ConnectionRefusedError, FileNotFoundError):
+        return False
+    except (BlockingIOError, TimeoutError):
+        return True
+    except OSError as exc:
+        raise StartupError(f"cannot tell whether a runner serves {path}: {exc.strerror or exc}") from exc
+    finally:
+        probe.close()
+    return True
+
+
+def in_use_message(path: str) -> str:
+    return f"another runner is serving {path}: stop it first, or pass --replace to take the socket over"
+
+
+Existing = Literal["stale", "any", "none"]
+"""What may already be at a socket path before we bind: a stale socket only, any socket (take
+over a live runner too), or nothing (re-binding a path we lost: whatever appeared there now
+belongs to someone else)."""
+
+
+def bind_unix_socket(path: str, mode: int, existing: Existing = "stale") -> socket.socket:
+    """Bind a listening socket at ``path``, replacing a socket as ``existing`` allows but never another file."""
     try:
         st = os.lstat(path)
     except FileNotFoundError:
@@ -70,7 +102,11 @@ def bind_unix_socket(path: str, mode: int) -> socket.socket:
     else:
         if not stat.S_ISSOCK(st.st_mode):
             raise StartupError(f"socket path {path} exists and is not a socket; refusing to replace it")
-        os.unlink(path)  # stale socket left by a killed runner (APISIX respawns after 3 s)
+        if existing == "none":
+            raise StartupError(f"socket path {path} was taken by another process meanwhile")
+        if existing == "stale" and socket_is_live(path):
+            raise StartupError(in_use_message(path))
+        os.unlink(path)
     directory = os.path.dirname(path)
     if not os.path.isdir(directory):
         raise StartupError(f"socket directory {directory} does not exist")
@@ -161,6 +197,9 @@ class RunnerServer:
         self._all_closed: asyncio.Event | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._socket_inode: int | None = None
+        # Set once another file took the socket path (a runner started with --replace, or the one
+        # APISIX spawned after a reload): from then on this process never binds or unlinks there.
+        self.superseded = asyncio.Event()
 
     @property
     def loop(self) -> asyncio.AbstractEventLoop:
@@ -170,17 +209,17 @@ class RunnerServer:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self._all_closed = asyncio.Event()
-        await self._listen()
+        await self._listen("any" if self.settings.replace else "stale")
         log.info("event=listening path=%s plugins=%s", self.settings.listen, ",".join(self.registry.names))
 
-    async def _listen(self) -> None:
+    async def _listen(self, existing: Existing) -> None:
         if self._inherited_socket is not None:
             self._acceptor = Acceptor(
                 self._inherited_socket, lambda: _Connection(self), lambda: len(self.connections), self._balance
             )
             self._acceptor.publish()
             return
-        sock = bind_unix_socket(self.settings.listen, self.settings.socket_mode)
+        sock = bind_unix_socket(self.settings.listen, self.settings.socket_mode, existing)
         self._socket_inode = os.stat(self.settings.listen).st_ino
         # backlog again here: asyncio (and uvloop) call listen() on the socket once more, with 100 by
         # default, and a burst of APISIX connects beyond the queue gets EAGAIN, which nginx reports
@@ -196,14 +235,37 @@ class RunnerServer:
     def _socket_intact(self) -> bool:
         return socket_file_is(self.settings.listen, self._socket_inode)
 
+    async def _watch_socket_path(self) -> None:
+        """Re-bind a deleted socket file; give the path up for good once another file holds it.
+
+        The second rule is what keeps a replaced runner from taking the socket back when its
+        successor exits and removes its own file. A successor that comes and goes between two
+        sweeps is indistinguishable from a deleted file, and is re-bound."""
+        if self._inherited_socket is not None or self.superseded.is_set():
+            return
+        try:
+            st = os.lstat(self.settings.listen)
+        except FileNotFoundError:
+            await self._restore_socket()
+            return
+        except OSError:
+            return
+        if not (stat.S_ISSOCK(st.st_mode) and st.st_ino == self._socket_inode):
+            # Our listening socket keeps its inode allocated, so a new file never reuses the number.
+            log.warning(
+                "event=socket_replaced path=%s connections=%d action='serve these connections, never re-bind'",
+                self.settings.listen,
+                len(self.connections),
+            )
+            self.superseded.set()
+
     async def _restore_socket(self) -> None:
         """Someone deleted our socket file (tmp cleaners do): APISIX could no longer connect, so
-        listen again at the same path. Established connections are unaffected. A path taken over
-        by another file is left alone (readiness then reports it)."""
+        listen again at the same path. Established connections are unaffected."""
         log.warning("event=socket_missing path=%s action=rebind", self.settings.listen)
         old = self._server
         try:
-            await self._listen()
+            await self._listen("none")
         except StartupError as exc:
             log.error("event=socket_rebind_failed reason=%r", str(exc))
             return
@@ -294,8 +356,7 @@ class RunnerServer:
     async def _sweep_once(self, idle_timeout: float) -> None:
         now = time.perf_counter()
         mono = time.monotonic()
-        if self._inherited_socket is None and not self._socket_intact() and not os.path.lexists(self.settings.listen):
-            await self._restore_socket()
+        await self._watch_socket_path()
         for conn in list(self.connections):
             session = conn.session
             if session is None:

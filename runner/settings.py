@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any, Literal
@@ -53,6 +53,11 @@ class Settings:
     metrics_addr: str | None = None
     """HOST:PORT serving /metrics, /healthz and /readyz (opt-in)."""
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
+    """Per-plugin options; relative paths in ``*_file(s)``/``*_dir(s)`` options are already resolved."""
+    replace: bool = False
+    """Take the socket over even while another runner serves it (``--replace``; implied when the socket
+    comes from APISIX_LISTEN_ADDRESS, see ``load_settings``). Not a file key: it is a decision about
+    this one start, not configuration."""
 
     def __post_init__(self) -> None:
         _check(os.path.isabs(self.listen), f"listen: socket path {self.listen!r} must be absolute")
@@ -82,6 +87,7 @@ class Settings:
         _check(self.log_level in _LOG_LEVELS, f"log_level must be one of {', '.join(_LOG_LEVELS)}")
         _check(self.event_loop in _LOOPS, f"event_loop must be one of {', '.join(_LOOPS)}")
         _check(1 <= self.workers <= 64, "workers must be in [1, 64]")
+        _check(isinstance(self.replace, bool), "replace must be true or false")
         if self.metrics_addr is not None:
             try:
                 parse_host_port(self.metrics_addr)
@@ -106,7 +112,10 @@ def parse_listen_address(value: str) -> str:
     return os.path.abspath(path)
 
 
-_FILE_KEYS = {f.name for f in fields(Settings)}
+_FILE_KEYS = {f.name for f in fields(Settings)} - {"replace"}
+# Plugin options whose relative values are paths (see Plugin.setup): the plural forms hold lists.
+_PATH_SUFFIXES = ("_file", "_dir")
+_PATHS_SUFFIXES = ("_files", "_dirs")
 
 
 def _read_file(path: str) -> dict[str, Any]:
@@ -127,7 +136,46 @@ def _read_file(path: str) -> dict[str, Any]:
     unknown = sorted(set(data) - _FILE_KEYS)
     if unknown:
         raise SettingsError(f"config file {path}: unknown key(s) {', '.join(unknown)}")
-    return data
+    return _resolve_paths(data, os.path.dirname(os.path.abspath(path)))
+
+
+def _resolve_paths(data: dict[str, Any], base: str) -> dict[str, Any]:
+    """Relative paths written in the file mean "next to this file", not "wherever the runner was
+    started": a runner spawned by APISIX inherits nginx's working directory, a sidecar its image's.
+    Applies to ``listen`` and ``log_file`` and to plugin options named ``*_file(s)``/``*_dir(s)``;
+    values of the wrong type are left for validation to report."""
+
+    def resolve(value: Any) -> Any:
+        if isinstance(value, str) and value and not os.path.isabs(value):
+            return os.path.join(base, value)
+        return value
+
+    out = dict(data)
+    listen = out.get("listen")
+    if isinstance(listen, str) and (listen.startswith("unix:") or ":" not in listen):  # not "tcp:…": refused later
+        scheme = "unix:" if listen.startswith("unix:") else ""
+        out["listen"] = scheme + resolve(listen.removeprefix("unix:"))
+    if "log_file" in out:
+        out["log_file"] = resolve(out["log_file"])
+    plugins = out.get("plugins")
+    if isinstance(plugins, Mapping):
+        out["plugins"] = {
+            name: _resolve_plugin_paths(options, resolve) if isinstance(options, Mapping) else options
+            for name, options in plugins.items()
+        }
+    return out
+
+
+def _resolve_plugin_paths(options: Mapping[str, Any], resolve: Callable[[Any], Any]) -> dict[str, Any]:
+    out = dict(options)
+    for key, value in options.items():
+        if not isinstance(key, str):
+            continue
+        if key.endswith(_PATH_SUFFIXES):
+            out[key] = resolve(value)
+        elif key.endswith(_PATHS_SUFFIXES) and isinstance(value, list):
+            out[key] = [resolve(item) for item in value]
+    return out
 
 
 _NUMBER_TYPES: dict[str, type] = {
@@ -177,16 +225,27 @@ def load_settings(
     config_file: str | None = None,
     overrides: Mapping[str, Any] | None = None,
 ) -> Settings:
-    """Merge file < environment < CLI overrides and validate; raises SettingsError."""
+    """Merge file < environment < CLI overrides and validate; raises SettingsError.
+
+    A socket named by APISIX_LISTEN_ADDRESS (and not overridden by ``--listen``) implies
+    ``replace``: that variable is how APISIX hands the runner its socket, and on ``apisix reload``
+    (nginx HUP) APISIX's new privileged agent spawns the new runner for the same path
+    (``conf/apisix-<master pid>.sock``: the master keeps its pid) while the old agent is still
+    shutting down and has not yet sent its runner SIGTERM (``exit_worker``). Refusing there would
+    leave the socket to a runner about to exit. (apache/apisix ``apisix/plugins/ext-plugin/init.lua``
+    ``init_worker``/``exit_worker``/``spawn_proc``, ``helper.lua`` ``get_path``.)"""
     values: dict[str, Any] = _read_file(config_file) if config_file else {}
+    overrides = overrides or {}
     if "APISIX_LISTEN_ADDRESS" in environ:
         values["listen"] = environ["APISIX_LISTEN_ADDRESS"]
+        if overrides.get("listen") is None:
+            values["replace"] = True
     if "APISIX_CONF_EXPIRE_TIME" in environ:
         raw = environ["APISIX_CONF_EXPIRE_TIME"].strip()
         if not (raw.isascii() and raw.isdigit()):  # str.isdigit() also accepts "²", which int() refuses
             raise SettingsError(f"APISIX_CONF_EXPIRE_TIME={raw!r} is not a positive integer")
         values["conf_expire_time"] = int(raw)
-    values.update({key: value for key, value in (overrides or {}).items() if value is not None})
+    values.update({key: value for key, value in overrides.items() if value is not None})
     if "listen" not in values:
         raise SettingsError("no socket to listen on: set APISIX_LISTEN_ADDRESS=unix:/path or pass --listen")
     values = {k: _coerce(k, v) for k, v in values.items()}

@@ -7,8 +7,10 @@ over them. Conf tokens live in a table shared by all workers (runner.sharedconf)
 on one worker works on every other without an extra round trip for APISIX.
 
 The supervisor replaces a worker that dies (with back-off if it keeps dying), re-binds the socket if
-the file is deleted (then rolls the workers onto the new one), serves /metrics (the workers' counters
-added up), /healthz and /readyz when asked, and on SIGTERM stops everything within APISIX's 1 s.
+the file is deleted (then rolls the workers onto the new one) but never once another runner's file
+took the path, serves /metrics (the workers' counters, asked for at scrape time and added up:
+runner.workerlink), /healthz and /readyz when asked, and on SIGTERM stops everything within
+APISIX's 1 s.
 """
 
 from __future__ import annotations
@@ -28,15 +30,17 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Literal
 
-from .app import EXIT_OK, EXIT_STARTUP_FAILURE, setup_plugins
+from .app import EXIT_OK, EXIT_STARTUP_FAILURE, serving_line, setup_plugins
 from .balance import ConnectionBalance
 from .httpd import HealthEndpoint
 from .metrics import MetricsView, build_registry, merge
 from .registry import PluginRegistry
-from .server import StartupError, bind_unix_socket, random_first_token, socket_file_is
+from .server import StartupError, bind_unix_socket, in_use_message, random_first_token, socket_file_is, socket_is_live
 from .settings import Settings
 from .sharedconf import SharedConfs
+from .workerlink import WorkerLink, gather_views
 
 __all__ = ["Supervisor"]
 
@@ -54,6 +58,7 @@ BALANCE_FILE = "connections.map"
 
 
 def metrics_file(rundir: str, index: int) -> str:
+    """A worker's counters, rewritten every second: the fallback when it does not answer a scrape."""
     return os.path.join(rundir, f"metrics-{index}.json")
 
 
@@ -70,11 +75,12 @@ def _run_dir() -> str:
 
 
 class _Worker:
-    __slots__ = ("failures", "index", "process", "restart_at", "started")
+    __slots__ = ("failures", "index", "link", "process", "restart_at", "started")
 
     def __init__(self, index: int) -> None:
         self.index = index
         self.process: subprocess.Popen[bytes] | None = None
+        self.link: WorkerLink | None = None
         self.started = 0.0
         self.failures = 0
         self.restart_at = 0.0
@@ -92,7 +98,12 @@ class Supervisor:
         self._republish = False
         self._early_stop = False
         # Workers serving only the connections they had when the socket was re-bound.
-        self._retiring: list[subprocess.Popen[bytes]] = []
+        self._retiring: list[tuple[subprocess.Popen[bytes], WorkerLink | None]] = []
+        # Another runner's file took the path: never bind or unlink there again (see _watch).
+        self._superseded = False
+        self._endpoint: HealthEndpoint | None = None
+        self._handover: asyncio.Future[None] | None = None
+        self._view = merge([])  # what the metrics registry exposes; refreshed right before each exposition
 
     # -- lifecycle ----------------------------------------------------------------------------
     def run(self) -> int:
@@ -130,20 +141,21 @@ class Supervisor:
         endpoint = None
         try:
             if self.settings.metrics_addr is not None:
-                endpoint = self._endpoint(self.settings.metrics_addr)
+                endpoint = self._endpoint = self._make_endpoint(self.settings.metrics_addr)
                 await endpoint.start()
             self._check_path()
-            self._bind()
+            self._bind("any" if self.settings.replace else "stale")
             for worker in self.workers:
                 self._spawn(worker)
-            await self._publish()
+            await self._publish(first=True)
         except (StartupError, OSError, ImportError) as exc:
             log.error("event=startup_failed reason=%r", str(exc))
             await self._stop_all()
             if endpoint is not None:
                 await endpoint.close()
             return EXIT_STARTUP_FAILURE
-        log.info("event=listening path=%s workers=%d", self.settings.listen, len(self.workers))
+        if not self._stopping.is_set():
+            serving_line(self.settings.listen, len(self.workers), endpoint)
         try:
             while not self._stopping.is_set():
                 with contextlib.suppress(TimeoutError):
@@ -153,11 +165,13 @@ class Supervisor:
                 if self._republish:
                     self._republish = False
                     try:
-                        await self._publish()
+                        await self._publish(first=False)
                     except (StartupError, OSError) as exc:
                         log.error("event=socket_rebind_failed reason=%r", str(exc))
         finally:
             await self._stop_all()
+            if self._handover is not None:
+                await self._handover
             if endpoint is not None:
                 await endpoint.close()
             for sig in (signal.SIGTERM, signal.SIGINT):
@@ -180,15 +194,30 @@ class Supervisor:
         staging = os.path.join(directory, f".{name}.{os.getpid()}.new")
         return staging if len(os.fsencode(staging)) < 108 else None
 
-    def _bind(self) -> None:
+    def _bind(self, existing: Literal["stale", "any", "none"]) -> None:
         """Bind under a staging name; the socket appears at its real path only once a worker
-        accepts (``_publish``), so APISIX never queues calls that no process will take yet."""
-        path = self._staging_path() or self.settings.listen
-        self._sock = bind_unix_socket(path, self.settings.socket_mode)
+        accepts (``_publish``), so APISIX never queues calls that no process will take yet.
+        ``existing``: what may be at the real path (bind_unix_socket), when there is no staging name."""
+        staging = self._staging_path()
+        path = staging or self.settings.listen
+        # Only this process names a staging file after its pid: whatever is there is a leftover.
+        self._sock = bind_unix_socket(path, self.settings.socket_mode, "any" if staging else existing)
         self._sock.set_inheritable(True)
         self._inode = os.stat(path).st_ino
 
-    async def _publish(self, timeout: float = 15.0, all_within: float = 5.0) -> None:
+    def _claim_path(self, *, first: bool) -> None:
+        """Just before the staging socket moves to the real path: the first time, a live runner
+        there is refused unless ``replace`` (checked at start-up too, but plugin set-up and the
+        workers' start take time); after a re-bind, anything that appeared there is someone else's."""
+        self._check_path()
+        if not os.path.lexists(self.settings.listen):
+            return
+        if not first:
+            raise StartupError(f"socket path {self.settings.listen} was taken by another process meanwhile")
+        if not self.settings.replace and socket_is_live(self.settings.listen):
+            raise StartupError(in_use_message(self.settings.listen))
+
+    async def _publish(self, *, first: bool, timeout: float = 15.0, all_within: float = 5.0) -> None:
         """Wait until the workers serve, then move the socket to its path in one step (rename
         replaces a stale socket atomically: there is no moment without a socket).
 
@@ -210,24 +239,40 @@ class Supervisor:
             await asyncio.sleep(0.01)
         staging = self._staging_path()
         if staging is not None:
-            self._check_path()
+            self._claim_path(first=first)
             os.rename(staging, self.settings.listen)
 
     def _spawn(self, worker: _Worker) -> None:
         assert self._sock is not None
         fd = self._sock.fileno()
-        worker.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-            [sys.executable, "-m", "runner.worker", self._rundir, str(worker.index), str(fd), str(os.getpid())],
-            pass_fds=(fd,),
-        )
+        ours, theirs = socket.socketpair()  # the worker's metrics link (runner.workerlink)
+        try:
+            argv = [self._rundir, str(worker.index), str(fd), str(os.getpid()), str(theirs.fileno())]
+            worker.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
+                [sys.executable, "-m", "runner.worker", *argv], pass_fds=(fd, theirs.fileno())
+            )
+        except BaseException:
+            ours.close()
+            raise
+        finally:
+            theirs.close()
+        if worker.link is not None:
+            worker.link.close()
+        worker.link = WorkerLink(ours)
         worker.started = time.monotonic()
 
     # -- supervision --------------------------------------------------------------------------
     def _watch(self) -> None:
         now = time.monotonic()
-        self._retiring = [p for p in self._retiring if p.poll() is None]
-        if not self._socket_intact() and not os.path.lexists(self.settings.listen):
-            self._rebind()
+        still = []
+        for retiring, link in self._retiring:
+            if retiring.poll() is None:
+                still.append((retiring, link))
+            elif link is not None:
+                link.close()
+        self._retiring = still
+        if not self._superseded:
+            self._watch_path()
         for worker in self.workers:
             process = worker.process
             if process is not None:
@@ -235,6 +280,9 @@ class Supervisor:
                 if code is None:
                     continue
                 worker.process = None
+                if worker.link is not None:
+                    worker.link.close()
+                    worker.link = None
                 ConnectionBalance.mark_absent(os.path.join(self._rundir, BALANCE_FILE), worker.index)
                 quick = now - worker.started < _HEALTHY_AFTER
                 worker.failures = worker.failures + 1 if quick else 0
@@ -247,6 +295,25 @@ class Supervisor:
     def _socket_intact(self) -> bool:
         return socket_file_is(self.settings.listen, self._inode)
 
+    def _watch_path(self) -> None:
+        """Re-bind a deleted socket file; give the path up for good once another file holds it,
+        so that a runner that replaced us (--replace, or APISIX's after a reload) does not see
+        us take the path back when it exits and removes its file."""
+        if self._socket_intact():
+            return
+        if not os.path.lexists(self.settings.listen):
+            self._rebind()
+            return
+        self._superseded = True
+        log.warning(
+            "event=socket_replaced path=%s action='serve these connections, never re-bind'", self.settings.listen
+        )
+        staging = self._staging_path()
+        if staging is not None and socket_file_is(staging, self._inode):  # a re-bind that never got published
+            os.unlink(staging)
+        if self._endpoint is not None:  # the port belongs to the runner that owns the socket now
+            self._handover = asyncio.ensure_future(self._endpoint.close())
+
     def _rebind(self) -> None:
         """The socket file was deleted: bind a new socket and start a fresh set of workers on it.
 
@@ -256,7 +323,7 @@ class Supervisor:
         log.warning("event=socket_missing path=%s action=rebind", self.settings.listen)
         old = self._sock
         try:
-            self._bind()
+            self._bind("none")
         except StartupError as exc:
             log.error("event=socket_rebind_failed reason=%r", str(exc))
             return
@@ -264,7 +331,8 @@ class Supervisor:
             if worker.process is not None and worker.process.poll() is None:
                 with contextlib.suppress(ProcessLookupError):
                     worker.process.send_signal(signal.SIGUSR1)
-                self._retiring.append(worker.process)
+                self._retiring.append((worker.process, worker.link))
+                worker.link = None
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(ready_file(self._rundir, worker.index))
             worker.failures = 0
@@ -285,7 +353,10 @@ class Supervisor:
         if self._sock is not None:
             self._sock.close()
         running = [w.process for w in self.workers if w.process is not None and w.process.poll() is None]
-        running += [p for p in self._retiring if p.poll() is None]
+        running += [p for p, _ in self._retiring if p.poll() is None]
+        for link in [w.link for w in self.workers] + [link for _, link in self._retiring]:
+            if link is not None:
+                link.close()
         for process in running:
             with contextlib.suppress(ProcessLookupError):
                 process.send_signal(signal.SIGTERM)
@@ -308,15 +379,21 @@ class Supervisor:
             shutil.rmtree(self._rundir, ignore_errors=True)
 
     # -- metrics ------------------------------------------------------------------------------
-    def _endpoint(self, address: str) -> HealthEndpoint:
+    def _make_endpoint(self, address: str) -> HealthEndpoint:
         from prometheus_client import generate_latest
 
-        registry = build_registry(self._merged_view)
-        return HealthEndpoint(address, ready=self.ready, metrics=lambda: bytes(generate_latest(registry)))
+        registry = build_registry(lambda: self._view)
 
-    def _merged_view(self) -> MetricsView:
-        views = []
-        for worker in self.workers:
-            with contextlib.suppress(OSError, ValueError):
-                views.append(json.loads(Path(metrics_file(self._rundir, worker.index)).read_text()))
-        return merge(views)
+        async def exposition() -> bytes:
+            # No await between the two lines: a concurrent scrape cannot swap the view in between.
+            self._view = await self._collect()
+            return bytes(generate_latest(registry))
+
+        return HealthEndpoint(address, ready=self.ready, metrics=exposition, share_port=self.settings.replace)
+
+    async def _collect(self) -> MetricsView:
+        """Every worker's counters now (retiring ones too: they still serve connections); a worker
+        that does not answer in time is counted from the file it rewrites every second."""
+        links = [w.link for w in self.workers] + [link for _, link in self._retiring]
+        files = [metrics_file(self._rundir, w.index) for w in self.workers]
+        return merge(await gather_views(links, files))

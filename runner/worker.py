@@ -1,9 +1,11 @@
-"""One worker process of runner.supervisor: ``python -m runner.worker RUNDIR INDEX FD SUPERVISOR_PID``.
+"""One worker process of runner.supervisor:
+``python -m runner.worker RUNDIR INDEX FD SUPERVISOR_PID LINK_FD``.
 
 It serves the listening socket it inherited (FD) with the settings the supervisor wrote into its
-private run directory, shares conf tokens through the table there, writes its metrics there for the
-supervisor to add up, and exits when the supervisor is gone (so a SIGKILLed supervisor leaves no
-orphans serving a socket nobody manages).
+private run directory, shares conf tokens through the table there, answers the supervisor's
+scrape-time requests for its metrics on LINK_FD (runner.workerlink) and keeps a copy of them in the
+run directory as the fallback, and exits when the supervisor is gone (so a SIGKILLed supervisor
+leaves no orphans serving a socket nobody manages).
 """
 
 from __future__ import annotations
@@ -30,8 +32,10 @@ from .server import RunnerServer
 from .settings import Settings, SettingsError
 from .sharedconf import SharedConfs, SharedConfsError
 from .supervisor import BALANCE_FILE, CONFS_FILE, SETTINGS_FILE, metrics_file, ready_file
+from .workerlink import answer_scrapes
 
-_METRICS_INTERVAL = 1.0
+# How stale the fallback file may get: it only counts when this worker does not answer a scrape.
+_FALLBACK_INTERVAL = 1.0
 _PARENT_CHECK = 0.25
 
 
@@ -50,7 +54,7 @@ def _die_with_parent() -> None:
 
 
 def main(argv: list[str]) -> int:
-    rundir, index, fd, parent = argv[0], int(argv[1]), int(argv[2]), int(argv[3])
+    rundir, index, fd, parent, link_fd = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), int(argv[4])
     _die_with_parent()
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the server can retire (see beside())
     if os.getppid() != parent:  # the supervisor died while this worker was starting
@@ -74,18 +78,22 @@ def main(argv: list[str]) -> int:
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, server.retire)
         Path(ready_file(rundir, index)).touch()  # the server is accepting: the supervisor may publish
         view = live_view(stats, server_gauges(server), sources)
+        link = asyncio.ensure_future(answer_scrapes(socket.socket(fileno=link_fd), lambda: to_json(view())))
         target = metrics_file(rundir, index)
         last = 0.0
-        while True:
-            await asyncio.sleep(_PARENT_CHECK)
-            if os.getppid() != parent:
-                server.stop()  # the supervisor was killed: nobody manages the socket any more
-                return
-            now = time.monotonic()
-            if not server.retiring and now - last >= _METRICS_INTERVAL:  # the successor owns the file now
-                last = now
-                with contextlib.suppress(OSError):
-                    _write_atomically(target, json.dumps(to_json(view())))
+        try:
+            while True:
+                await asyncio.sleep(_PARENT_CHECK)
+                if os.getppid() != parent:
+                    server.stop()  # the supervisor was killed: nobody manages the socket any more
+                    return
+                now = time.monotonic()
+                if not server.retiring and now - last >= _FALLBACK_INTERVAL:  # the successor owns the file now
+                    last = now
+                    with contextlib.suppress(OSError):
+                        _write_atomically(target, json.dumps(to_json(view())))
+        finally:
+            link.cancel()
 
     sock = socket.socket(fileno=fd)
     balance = ConnectionBalance(os.path.join(rundir, BALANCE_FILE), index, settings.workers)

@@ -14,11 +14,18 @@ import pytest
 from runner import PluginRegistry
 from runner.protocol import codec
 from runner.protocol.messages import ErrCode, RPCType, Stop
-from runner.server import RunnerServer, StartupError, bind_unix_socket
+from runner.server import RunnerServer, StartupError, bind_unix_socket, socket_is_live
 from runner.settings import Settings
 from runner.testing import FakeApisix, conf, http_req_call_frame, prepare_conf_frame
 from tests.conftest import ServeFactory
 from tests.plugins_for_tests import Hang, make_registry
+
+
+def make_stale(path: str) -> None:
+    """A socket file nobody listens on (what a SIGKILLed runner leaves)."""
+    stale = socket.socket(socket.AF_UNIX)
+    stale.bind(path)
+    stale.close()
 
 
 async def read_frame(reader: asyncio.StreamReader) -> tuple[int, bytes]:
@@ -77,6 +84,49 @@ class TestBind:
         """A socket directory that does not exist is a start-up error naming it."""
         with pytest.raises(StartupError, match="does not exist"):
             bind_unix_socket(str(sock_dir / "missing" / "r.sock"), 0o766)
+
+    def test_live_socket_is_refused_by_default(self, sock_path: str) -> None:
+        """A socket someone listens on is not replaced unless asked; the error names the path and --replace."""
+        live = bind_unix_socket(sock_path, 0o766)
+        try:
+            inode = os.stat(sock_path).st_ino
+            with pytest.raises(StartupError, match="--replace") as caught:
+                bind_unix_socket(sock_path, 0o766)
+            assert sock_path in str(caught.value)
+            assert os.stat(sock_path).st_ino == inode
+        finally:
+            live.close()
+
+    def test_live_socket_is_replaced_when_any_is_allowed(self, sock_path: str) -> None:
+        """existing="any" (--replace, or APISIX's own respawn) takes a served path over."""
+        live = bind_unix_socket(sock_path, 0o766)
+        try:
+            inode = os.stat(sock_path).st_ino
+            new = bind_unix_socket(sock_path, 0o766, "any")
+            new.close()
+            assert os.stat(sock_path).st_ino != inode
+        finally:
+            live.close()
+
+    def test_nothing_may_exist_when_rebinding(self, sock_path: str) -> None:
+        """existing="none" (re-binding a path we lost) refuses even a stale socket: it is someone else's now."""
+        make_stale(sock_path)
+
+        with pytest.raises(StartupError, match="taken by another process"):
+            bind_unix_socket(sock_path, 0o766, "none")
+        assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
+
+    def test_socket_is_live(self, sock_path: str) -> None:
+        """Liveness is a connect: refused or missing means stale, a connection (even in the backlog) means live."""
+        assert socket_is_live(sock_path) is False
+        make_stale(sock_path)
+        assert socket_is_live(sock_path) is False
+        os.unlink(sock_path)
+        live = bind_unix_socket(sock_path, 0o766)
+        try:
+            assert socket_is_live(sock_path) is True
+        finally:
+            live.close()
 
 
 class TestTransport:
@@ -207,6 +257,32 @@ class TestSocketFile:
                 return new.client_status or 0, again.client_status or 0, server.ready()
 
         assert asyncio.run(main()) == (402, 401, True)
+        assert not os.path.lexists(sock_path)
+
+    def test_replaced_socket_is_never_taken_back(self, serve: ServeFactory, sock_path: str) -> None:
+        """Once another socket took the path the server gives it up for good: not ready, no re-bind after
+        that socket goes, nothing removed at stop; its own connections keep being served."""
+
+        async def main() -> tuple[bool, bool, int]:
+            async with serve() as server, FakeApisix(sock_path, pool_size=1) as pooled:
+                await pooled.request(conf(("stop", '{"status": 401}')))
+                os.unlink(sock_path)
+                successor = socket.socket(socket.AF_UNIX)
+                successor.bind(sock_path)  # bound before the next sweep: a replacement, not a deletion
+                successor.listen()
+                for _ in range(100):
+                    if server.superseded.is_set():
+                        break
+                    await asyncio.sleep(0.01)
+                ready = server.ready()
+                successor.close()
+                os.unlink(sock_path)  # the successor exits and removes its file
+                await asyncio.sleep(0.6)  # two sweeps
+                rebound = os.path.lexists(sock_path)
+                again = await pooled.request(conf(("stop", '{"status": 401}')))
+                return ready, rebound, again.client_status or 0
+
+        assert asyncio.run(main()) == (False, False, 401)
         assert not os.path.lexists(sock_path)
 
     def test_foreign_file_at_path_is_left_alone(self, serve: ServeFactory, sock_path: str) -> None:

@@ -88,6 +88,20 @@ def mount_source(compose: Path, service: str, target: str) -> Path:
     raise AssertionError(f"{compose.name}: {service} mounts nothing at {target}")
 
 
+def runner_policy_file() -> str:
+    """Where the runner reads its policy library in the containers: a relative policy_file is
+    relative to the runner config's directory (runner.settings)."""
+    policy_file = load(CONF / "mtls-guard.yaml")["plugins"]["mtls-guard"]["policy_file"]
+    return os.path.join(os.path.dirname(RUNNER_CONFIG), policy_file)
+
+
+def metrics_port(argv: list[str]) -> int:
+    """The port the runner's /metrics, /healthz, /readyz listen on: --metrics-addr beats the config file."""
+    address = argv[argv.index("--metrics-addr") + 1] if "--metrics-addr" in argv else None
+    address = address or load(CONF / "mtls-guard.yaml")["metrics_addr"]
+    return int(address.rpartition(":")[2])
+
+
 def gen_certs_outputs() -> set[str]:
     """File names deploy/gen-certs.sh writes into its output directory."""
     text = GEN_CERTS.read_text(encoding="utf-8")
@@ -210,9 +224,7 @@ class TestCompose:
         services = load(compose)["services"]
         runner_service = "mtls-guard" if "mtls-guard" in services else "apisix"
         assert mount_source(compose, runner_service, RUNNER_CONFIG) == CONF / "mtls-guard.yaml"
-        settings = load(CONF / "mtls-guard.yaml")
-        policy_file = settings["plugins"]["mtls-guard"]["policy_file"]
-        assert mount_source(compose, runner_service, policy_file) == CONF / "policies.yaml"
+        assert mount_source(compose, runner_service, runner_policy_file()) == CONF / "policies.yaml"
 
     @pytest.mark.parametrize("compose", COMPOSE_FILES, ids=lambda p: str(p.relative_to(ROOT)))
     def test_apisix_config_mount(self, compose: Path) -> None:
@@ -259,9 +271,16 @@ class TestSidecarCompose:
         runner = services["mtls-guard"]
         assert runner["restart"] == "unless-stopped"
         assert runner["stop_signal"] == "SIGTERM"
-        socket_path = load(CONF / "config.sidecar.yaml")["ext-plugin"]["path_for_test"]
-        assert socket_path in " ".join(runner["healthcheck"]["test"])
         assert services["apisix"]["depends_on"]["mtls-guard"]["condition"] == "service_healthy"
+
+    def test_healthcheck_asks_readyz_on_the_metrics_port(self) -> None:
+        """The healthcheck GETs /readyz on the port the runner's --metrics-addr opens, bound beyond loopback."""
+        runner = load(ROOT / "docker-compose.sidecar.yml")["services"]["mtls-guard"]
+        argv = runner["entrypoint"]
+        assert argv[argv.index("--metrics-addr") + 1].startswith("0.0.0.0:")
+        check = " ".join(runner["healthcheck"]["test"])
+        assert f"http://127.0.0.1:{metrics_port(argv)}/readyz" in check
+        assert runner["healthcheck"]["test"][1] == f"{dockerfile_venv()}/bin/python"
 
 
 class TestDockerfile:
@@ -350,7 +369,7 @@ class TestApisixConfigs:
         assert "admin" not in deployment
 
     def test_runner_settings_load(self, tmp_path: Path) -> None:
-        """conf/mtls-guard.yaml passes the runner's settings validation as APISIX would start it."""
+        """conf/mtls-guard.yaml passes the runner's settings validation as APISIX would start it, policy_file too."""
         settings_module = pytest.importorskip("runner.settings")
         settings = settings_module.load_settings(
             environ={"APISIX_LISTEN_ADDRESS": f"unix:{tmp_path}/r.sock", "APISIX_CONF_EXPIRE_TIME": "3600"},
@@ -358,6 +377,8 @@ class TestApisixConfigs:
         )
         assert settings.listen == f"{tmp_path}/r.sock"
         assert set(settings.plugins) == {"mtls-guard"}
+        # Relative to the config file, wherever the runner starts: here the checkout's conf/.
+        assert settings.plugins["mtls-guard"]["policy_file"] == str(CONF / "policies.yaml")
 
     def test_runner_plugin_setup_accepts_options(self) -> None:
         """The mtls-guard plugin accepts its options, with policy_file mapped to the mounted repo file."""
@@ -673,9 +694,8 @@ class TestHelmValues:
         assert ext["enabled"] is True
         assert ext["cmd"] == load(CONF / "config.yaml")["ext-plugin"]["cmd"]
         mounts = {m["mountPath"]: m for m in values["extraVolumeMounts"]}
-        policy_file = load(CONF / "mtls-guard.yaml")["plugins"]["mtls-guard"]["policy_file"]
         assert mounts[RUNNER_CONFIG]["subPath"] == "mtls-guard.yaml"
-        assert mounts[policy_file]["subPath"] == "policies.yaml"
+        assert mounts[runner_policy_file()]["subPath"] == "policies.yaml"
         assert values["apisix"]["ssl"]["enabled"] is True
         assert isinstance(values["apisix"]["nginx"]["envs"], list)
 
@@ -706,7 +726,42 @@ class TestHelmValues:
         (shared,) = [m for m in values["extraVolumeMounts"] if m["mountPath"] == socket_dir]
         assert "emptyDir" in volumes[shared["name"]]
         assert {"name": shared["name"], "mountPath": socket_dir} in runner["volumeMounts"]
-        assert socket_path in " ".join(runner["readinessProbe"]["exec"]["command"])
+        mounts = {m["mountPath"]: m for m in runner["volumeMounts"]}
+        assert mounts[runner_policy_file()]["subPath"] == "policies.yaml"
+
+    def test_sidecar_probes_use_the_runner_endpoint(self) -> None:
+        """Readiness GETs /readyz and liveness /healthz, on the container port the runner's --metrics-addr opens."""
+        (runner,) = load(HELM / "values-mtls-guard-sidecar.yaml")["extraContainers"]
+        argv = runner["command"]
+        assert argv[argv.index("--metrics-addr") + 1].startswith("0.0.0.0:")  # kubelet probes the pod IP
+        ports = {p["name"]: p["containerPort"] for p in runner["ports"]}
+        for probe, path in (("readinessProbe", "/readyz"), ("livenessProbe", "/healthz")):
+            get = runner[probe]["httpGet"]
+            assert get["path"] == path
+            assert ports.get(get["port"], get["port"]) == metrics_port(argv)
+
+    def test_spawned_runner_metrics_stay_on_loopback(self) -> None:
+        """When APISIX spawns the runner (no --metrics-addr in cmd) its endpoint binds loopback only."""
+        cmd = load(HELM / "values-mtls-guard.yaml")["apisix"]["extPlugin"]["cmd"]
+        assert "--metrics-addr" not in cmd
+        assert load(CONF / "mtls-guard.yaml")["metrics_addr"].startswith("127.0.0.1:")
+
+
+class TestNoPromises:
+    FILES = (
+        *COMPOSE_FILES,
+        *APISIX_CONFIGS,
+        *HELM_VALUES,
+        CONF / "mtls-guard.yaml",
+        ROOT / "Dockerfile",
+        ROOT / "docs" / "deployment.md",
+        *sorted(K8S.glob("*")),
+    )
+
+    @pytest.mark.parametrize("path", FILES, ids=lambda p: str(p.relative_to(ROOT)))
+    def test_nothing_is_planned(self, path: Path) -> None:
+        """No deployment file describes a feature as planned: what the files say exists."""
+        assert "planned" not in path.read_text(encoding="utf-8").lower()
 
 
 class TestShellScripts:

@@ -248,3 +248,98 @@ class TestValidationErrors:
         message = error_of(environ=ENV, overrides={"call_timeout": 100.0})
 
         assert "call_timeout must be in (0, 56)" in message
+
+
+class TestRelativePaths:
+    """Relative paths in the config file are relative to the file, not to the working directory."""
+
+    def elsewhere(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+        config_dir = tmp_path / "etc" / "mtls-guard"
+        config_dir.mkdir(parents=True)
+        cwd = tmp_path / "somewhere-else"
+        cwd.mkdir()
+        monkeypatch.chdir(cwd)
+        return config_dir
+
+    def test_plugin_file_option_resolves_against_the_config_directory(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """policy_file: policies.yaml names the file next to the config, whatever the working directory."""
+        config_dir = self.elsewhere(tmp_path, monkeypatch)
+        config = config_dir / "runner.yaml"
+        config.write_text("plugins:\n  mtls-guard:\n    policy_file: policies.yaml\n    cert_cache_size: 10\n")
+
+        settings = load_settings(environ=ENV, config_file=str(config))
+
+        expected = {"policy_file": str(config_dir / "policies.yaml"), "cert_cache_size": 10}
+        assert settings.plugins["mtls-guard"] == expected
+
+    def test_relative_config_path_still_resolves_against_its_directory(
+        self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    ) -> None:
+        """--config given relative to the working directory: the option is relative to the file's directory."""
+        config_dir = self.elsewhere(tmp_path, monkeypatch)
+        (config_dir / "runner.yaml").write_text("plugins:\n  p:\n    policy_file: sub/p.yaml\n")
+
+        settings = load_settings(environ=ENV, config_file="../etc/mtls-guard/runner.yaml")
+
+        assert settings.plugins["p"]["policy_file"] == str(config_dir / "sub" / "p.yaml")
+
+    def test_which_options_are_paths(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """*_file/*_dir values and *_files/*_dirs list items resolve; absolute paths and other keys do not."""
+        config_dir = self.elsewhere(tmp_path, monkeypatch)
+        config = config_dir / "runner.yaml"
+        config.write_text(
+            "plugins:\n  p:\n"
+            "    ca_file: ca.pem\n    cache_dir: cache\n    extra_files: [a.yaml, /abs/b.yaml]\n"
+            "    include_dirs: [d]\n    log_file_mode: '0600'\n    name: file.txt\n    data_file: /abs/data\n"
+            "    other_file: 5\n    empty_file: ''\n"
+        )
+
+        options = load_settings(environ=ENV, config_file=str(config)).plugins["p"]
+
+        assert options["ca_file"] == str(config_dir / "ca.pem")
+        assert options["cache_dir"] == str(config_dir / "cache")
+        assert options["extra_files"] == [str(config_dir / "a.yaml"), "/abs/b.yaml"]
+        assert options["include_dirs"] == [str(config_dir / "d")]
+        assert options["log_file_mode"] == "0600"
+        assert options["name"] == "file.txt"
+        assert options["data_file"] == "/abs/data"
+        assert options["other_file"] == 5  # left for the plugin's own validation
+        assert options["empty_file"] == ""
+
+    def test_runner_paths_in_the_file_resolve_too(self, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+        """log_file and listen written in the file follow the same rule; the CLI's --log-file stays as given."""
+        config_dir = self.elsewhere(tmp_path, monkeypatch)
+        config = config_dir / "runner.yaml"
+        config.write_text("listen: unix:r.sock\nlog_file: runner.log\n")
+
+        from_file = load_settings(environ={}, config_file=str(config))
+        from_cli = load_settings(environ={}, config_file=str(config), overrides={"log_file": "cli.log"})
+
+        assert from_file.listen == str(config_dir / "r.sock")
+        assert from_file.log_file == str(config_dir / "runner.log")
+        assert from_cli.log_file == "cli.log"
+
+    def test_tcp_listen_in_the_file_is_still_refused(self, tmp_path: Path) -> None:
+        """Resolving paths never turns an unsupported listen address into a path."""
+        message = error_of(environ={}, config_file=write(tmp_path, "listen: tcp:127.0.0.1:9999\n"))
+
+        assert "only unix:<path> is supported" in message
+
+
+class TestReplace:
+    def test_apisix_listen_address_implies_replace(self) -> None:
+        """The socket APISIX hands over may still be served by the runner of the previous reload."""
+        assert load_settings(environ=ENV).replace is True
+
+    def test_listen_option_does_not(self) -> None:
+        """--listen (an operator's start) refuses a live socket unless --replace is given."""
+        assert load_settings(environ=ENV, overrides={"listen": "/tmp/x.sock"}).replace is False
+        assert load_settings(environ={}, overrides={"listen": "/tmp/x.sock", "replace": True}).replace is True
+
+    def test_replace_is_not_a_file_key(self, tmp_path: Path) -> None:
+        """Taking over a live runner is decided per start, never by a config file."""
+        message = error_of(environ=ENV, config_file=write(tmp_path, "replace: true\n"))
+
+        assert "unknown key(s) replace" in message
