@@ -13,6 +13,7 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import Final, NoReturn, cast
 
 from .app import EXIT_STARTUP_FAILURE, exit_now, run
 from .cpus import usable_cpus
@@ -25,6 +26,8 @@ from .settings import SettingsError, load_settings
 log = logging.getLogger("mtls_guard.runner")
 
 __all__ = ["main"]
+
+EXIT_USAGE: Final = 2
 
 Command = Callable[[argparse.Namespace], int]
 
@@ -110,6 +113,26 @@ def package_version() -> str:
     return str(project.get("version", "unknown")) if project.get("name") == "apisix-mtls-guard" else "unknown"
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse's usage errors (exit 2) as one line on stderr: the default prints the whole usage
+    first, and scripts read the first line only. Used for the top level and every subcommand."""
+
+    def error(self, message: str) -> NoReturn:
+        # Option values can bring line breaks and control characters: keep the line one printable line.
+        text = "".join(c if c.isprintable() else "?" for c in " ".join(message.split()))
+        self.exit(EXIT_USAGE, f"{self.prog}: error: {text}; see {self.prog} --help\n")
+
+    def parse_known_args(  # type: ignore[override]
+        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
+    ) -> tuple[argparse.Namespace, list[str]]:
+        # As a subcommand, arguments it does not know would go back to the top-level parser, whose
+        # error names the wrong command: they are this command's usage error.
+        parsed, extras = super().parse_known_args(args, namespace)
+        if extras:
+            self.error(f"unrecognized arguments: {' '.join(extras)}")
+        return parsed, extras
+
+
 class _VersionAction(argparse.Action):
     """Like argparse's "version" action, but looks the version up only when asked (start-up stays cheap)."""
 
@@ -122,12 +145,16 @@ class _VersionAction(argparse.Action):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = OneLineParser(
         prog="mtls-guard",
         description="Fine-grained mutual-TLS policy for Apache APISIX (ext-plugin runner + tools).",
     )
     parser.add_argument("--version", action=_VersionAction)
-    sub = parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND")
+    # Every subcommand parser is a OneLineParser; the registering functions only need an ArgumentParser.
+    sub = cast(
+        "argparse._SubParsersAction[argparse.ArgumentParser]",
+        parser.add_subparsers(dest="subcommand", required=True, metavar="COMMAND", parser_class=OneLineParser),
+    )
     _add_run(sub)
     try:
         from plugins.mtls_guard import commands

@@ -20,7 +20,6 @@ from .commands_io import (
     fail,
     load_library,
     load_policy,
-    one_line_errors,
 )
 from .library import PolicyLibrary
 from .lint_findings import Severity
@@ -35,15 +34,13 @@ DEMO: Final = "mtls-guard demo"
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    check = one_line_errors(
-        sub.add_parser(
-            "check",
-            help="validate a policy and print what it means",
-            description="Validate a policy (or every named policy of --policy-file) and print what it means; "
-            "fail-open settings are reported on stderr with their lint codes (docs/lint-findings.md). "
-            "Exit 0: valid (warnings allowed); 1: invalid, or valid but failing open (an error finding); "
-            "2: usage error or unreadable input.",
-        )
+    check = sub.add_parser(
+        "check",
+        help="validate a policy and print what it means",
+        description="Validate a policy (or every named policy of --policy-file) and print what it means; "
+        "fail-open settings are reported on stderr with their lint codes (docs/lint-findings.md). "
+        "Exit 0: valid (warnings allowed); 1: invalid, or valid but failing open (an error finding); "
+        "2: usage error or unreadable input.",
     )
     check.add_argument("policy", nargs="?", help="policy as a JSON/YAML file, or inline JSON ('{...}')")
     check.add_argument("--policy-file", help="policy library (YAML) for named policies; alone: check all")
@@ -51,7 +48,7 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
     commands_explain.register(sub)
 
-    demo = one_line_errors(sub.add_parser("demo", help="runner + fake APISIX + generated certificates, in one process"))
+    demo = sub.add_parser("demo", help="runner + fake APISIX + generated certificates, in one process")
     demo.set_defaults(command=_demo)
 
     try:

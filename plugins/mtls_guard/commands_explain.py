@@ -23,7 +23,6 @@ from .commands_io import (
     fail,
     load_library,
     load_policy,
-    one_line_errors,
     read_certificates,
 )
 from .identity import CertificateError, ClientCertificate
@@ -86,14 +85,12 @@ def _verify(value: str) -> str:
 
 
 def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
-    ex = one_line_errors(
-        sub.add_parser(
-            "explain",
-            help="print the decision the runner would make for one request",
-            description="Run one request through the plugin as the runner would, and print the decision, why "
-            "each exemption rule did or did not apply, and what was assumed. Exit 0: the request passes; "
-            "1: it is rejected or the policy is invalid; 2: usage error or unreadable input.",
-        )
+    ex = sub.add_parser(
+        "explain",
+        help="print the decision the runner would make for one request",
+        description="Run one request through the plugin as the runner would, and print the decision, why "
+        "each exemption rule did or did not apply, and what was assumed. Exit 0: the request passes; "
+        "1: it is rejected or the policy is invalid; 2: usage error or unreadable input.",
     )
     ex.add_argument("--policy", required=True, help="policy as a JSON/YAML file, or inline JSON ('{...}')")
     ex.add_argument("--policy-file", help="policy library (YAML) for named policies")

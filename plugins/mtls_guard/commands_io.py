@@ -7,14 +7,13 @@ that could not start (the demo's).
 
 from __future__ import annotations
 
-import argparse
 import os
 import re
 import shlex
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import Any, Final
 
 import yaml
 
@@ -29,11 +28,9 @@ __all__ = [
     "EXIT_STARTUP",
     "EXIT_USAGE",
     "CommandError",
-    "OneLineParser",
     "fail",
     "load_library",
     "load_policy",
-    "one_line_errors",
     "read_certificates",
     "read_file",
 ]
@@ -65,33 +62,6 @@ def fail(prog: str, code: int, message: str) -> int:
     label = "error: " if code >= EXIT_USAGE else ""
     print(f"{prog}: {label}{text}", file=sys.stderr)
     return code
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse's own usage errors (exit 2), in one line: the default prints the whole usage before them."""
-
-    def error(self, message: str) -> NoReturn:
-        sys.exit(fail(self.prog, EXIT_USAGE, f"{message}; see {self.prog} --help"))
-
-    def parse_known_args(  # type: ignore[override]
-        self, args: Sequence[str] | None = None, namespace: argparse.Namespace | None = None
-    ) -> tuple[argparse.Namespace, list[str]]:
-        # As a subcommand, arguments it does not know would go back to the top-level parser, whose error
-        # prints the whole usage: they are this command's usage error.
-        parsed, extras = super().parse_known_args(args, namespace)
-        if extras:
-            self.error(f"unrecognized arguments: {' '.join(extras)}")
-        return parsed, extras
-
-
-def one_line_errors(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Make ``parser``'s usage errors one line (OneLineParser).
-
-    runner.cli creates the subparsers with its own parser class, which takes no per-command class, so
-    the class of the command's parser is switched after the fact.
-    """
-    parser.__class__ = OneLineParser
-    return parser
 
 
 def read_file(path: str, what: str, limit: int) -> bytes:

@@ -321,3 +321,23 @@ def test_check_of_a_narrow_policy_is_silent(capsys: pytest.CaptureFixture[str]) 
     """An ordinary policy (one public prefix) gets no finding: exit 0 and nothing on stderr."""
     code, _, err = run(capsys, ["check", POLICY])
     assert (code, err) == (0, "")
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["bogus"],
+        [],
+        ["run", "--workers", "many"],
+        ["run", "--no-such-option"],
+        ["lint", "--format", "xml", "apisix.yaml"],
+        ["check", "--no-such-option"],
+    ],
+)
+def test_usage_errors_of_every_command_are_one_line_exit_2(capsys: pytest.CaptureFixture[str], argv: list[str]) -> None:
+    """Usage errors of the top level, `run`, `lint` and the plugin's commands are one line on stderr, exit 2."""
+    code, out, err = run(capsys, argv)
+    assert code == 2
+    assert out == ""
+    assert_one_line(err)
+    assert "usage:" not in err
