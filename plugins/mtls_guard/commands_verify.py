@@ -28,7 +28,7 @@ from typing import Final
 from cryptography import x509
 
 from .identity import ClientCertificate, extension_value
-from .trust import Reason, TrustBundle
+from .trust import Reason, TrustBundle, issued_by
 
 __all__ = ["DEFAULT_DEPTH", "ClientVerification", "client_verify"]
 
@@ -59,23 +59,13 @@ def _self_issued(cert: ClientCertificate) -> bool:
     return cert.certificate.subject == cert.certificate.issuer
 
 
-def _issued_by(child: ClientCertificate, parent: ClientCertificate) -> bool:
-    if child.certificate.issuer != parent.certificate.subject:
-        return False
-    try:
-        child.certificate.verify_directly_issued_by(parent.certificate)
-    except Exception:  # noqa: BLE001 - any failure (signature, key type) means "not issued by"
-        return False
-    return True
-
-
 def _rooted(bundle: Sequence[ClientCertificate]) -> list[int]:
     """Positions of the certificates that chain, inside ``bundle``, to a self-issued root of it."""
     rooted = [i for i, cert in enumerate(bundle) if _self_issued(cert)]
     rest = [i for i in range(len(bundle)) if i not in rooted]
     grown = True
     while grown:
-        found = [i for i in rest if any(_issued_by(bundle[i], bundle[p]) for p in rooted)]
+        found = [i for i in rest if any(issued_by(bundle[i], bundle[p]) for p in rooted)]
         rooted += found
         rest = [i for i in rest if i not in found]
         grown = bool(found)

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
@@ -36,7 +37,14 @@ else:  # importing sre_parse itself is deprecated since 3.11 (and warnings are e
     _parser = importlib.import_module("re._parser")
     _constants = importlib.import_module("re._constants")
 
-__all__ = ["PROBE_PATHS", "DeadAlternative", "dead_alternatives", "matches_every_path", "top_level_alternatives"]
+__all__ = [
+    "PROBE_PATHS",
+    "DeadAlternative",
+    "dead_alternatives",
+    "matches_every_path",
+    "structure",
+    "top_level_alternatives",
+]
 
 # Canonical paths (tests assert classify_path accepts each) that a pattern with any real path
 # condition fails on at least one of.
@@ -85,10 +93,10 @@ class DeadAlternative:
     by_reading: bool  # True: dead only when its unescaped "." are read as dots (it matches other paths)
 
 
-def top_level_alternatives(pattern: str) -> list[str]:
-    """The pattern split at ``|`` outside groups and classes (each full-matched on its own)."""
-    parts: list[str] = []
-    depth = start = i = 0
+def structure(pattern: str) -> Iterator[tuple[int, str, int]]:
+    """(index, character, group depth before it) of each character outside escapes and classes: what
+    splitting at ``|`` and matching parentheses need. Python and RE2 agree on this much syntax."""
+    depth = i = 0
     in_class = False
     while i < len(pattern):
         ch = pattern[i]
@@ -103,14 +111,23 @@ def top_level_alternatives(pattern: str) -> list[str]:
             if pattern[i : i + 1] == "]":  # "[]a]", "[^]a]": a leading "]" is a member
                 i += 1
             continue
-        elif ch == "(":
-            depth += 1
-        elif ch == ")":
-            depth -= 1
-        elif ch == "|" and depth == 0:
+        else:
+            yield i, ch, depth
+            if ch == "(":
+                depth += 1
+            elif ch == ")":
+                depth -= 1
+        i += 1
+
+
+def top_level_alternatives(pattern: str) -> list[str]:
+    """The pattern split at ``|`` outside groups and classes (each full-matched on its own)."""
+    parts: list[str] = []
+    start = 0
+    for i, ch, depth in structure(pattern):
+        if ch == "|" and depth == 0:
             parts.append(pattern[start:i])
             start = i + 1
-        i += 1
     parts.append(pattern[start:])
     return parts
 

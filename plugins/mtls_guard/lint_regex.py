@@ -14,6 +14,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Final
 
+from .lint_pattern import structure, top_level_alternatives
+
 __all__ = ["SkipPattern", "analyse", "catch_all", "may_exempt_route_uri", "unmatched_example"]
 
 # Escapes whose PCRE meaning Python lacks or reads differently (\v is a class in PCRE, a character in Python).
@@ -108,34 +110,16 @@ def _translate(pattern: str) -> tuple[str, str | None]:
 
 def _alternatives(pattern: str) -> list[str]:
     """Top-level ``|`` branches; a pattern wrapped in one group is unwrapped first."""
-    branches: list[str] = []
-    depth, start, in_class, i = 0, 0, False, 0
-    closes_at: dict[int, int] = {}
-    stack: list[int] = []
-    while i < len(pattern):
-        ch = pattern[i]
-        if ch == "\\":
-            i += 2
-            continue
-        if in_class:
-            in_class = ch != "]"
-        elif ch == "[":
-            in_class = True
-        elif ch == "(":
-            stack.append(i)
-            depth += 1
-        elif ch == ")" and stack:
-            closes_at[stack.pop()] = i
-            depth -= 1
-        elif ch == "|" and depth == 0:
-            branches.append(pattern[start:i])
-            start = i + 1
-        i += 1
-    branches.append(pattern[start:])
-    if len(branches) == 1 and pattern.startswith("(") and closes_at.get(0) == len(pattern) - 1:
+    branches = top_level_alternatives(pattern)
+    if len(branches) == 1 and pattern.startswith("(") and _first_group_end(pattern) == len(pattern) - 1:
         inner = re.sub(r"\A\((?:\?:|\?P?<[A-Za-z_][A-Za-z0-9_]*>)?", "", pattern)[:-1]
         return _alternatives(inner)
     return branches
+
+
+def _first_group_end(pattern: str) -> int | None:
+    """Index of the ")" closing the group the pattern opens with."""
+    return next((i for i, ch, depth in structure(pattern) if ch == ")" and depth == 1), None)
 
 
 def _ends_with_unescaped(text: str, suffix: str) -> bool:

@@ -40,7 +40,7 @@ from cryptography.x509.verification import Criticality, ExtensionPolicy, Policy,
 
 from .identity import CertificateError, ClientCertificate, extension_value, load_pem_chain
 
-__all__ = ["MAX_INTERMEDIATES", "MAX_SUPPLIED_INTERMEDIATES", "Reason", "TrustBundle"]
+__all__ = ["MAX_INTERMEDIATES", "MAX_SUPPLIED_INTERMEDIATES", "Reason", "TrustBundle", "issued_by"]
 
 Reason = Literal[
     "untrusted-issuer",
@@ -193,7 +193,8 @@ def _has_directory_names(constraints: x509.NameConstraints) -> bool:
     return any(isinstance(name, x509.DirectoryName) for name in subtrees)
 
 
-def _issued(child: ClientCertificate, parent: ClientCertificate) -> bool:
+def issued_by(child: ClientCertificate, parent: ClientCertificate) -> bool:
+    """Whether ``parent`` issued ``child``: names chain and the signature verifies."""
     if child.certificate.issuer != parent.certificate.subject:
         return False
     try:
@@ -209,7 +210,7 @@ def _depths(bundle: list[ClientCertificate]) -> dict[int, int]:
     Anchors are the self-issued certificates and those no other bundle certificate issued.
     """
     issuers = [
-        [p for p, parent in enumerate(bundle) if p != c and _issued(cert, parent)] for c, cert in enumerate(bundle)
+        [p for p, parent in enumerate(bundle) if p != c and issued_by(cert, parent)] for c, cert in enumerate(bundle)
     ]
     depth = {c: 0 for c, cert in enumerate(bundle) if cert.subject == cert.issuer or not issuers[c]}
     frontier, level = set(depth), 0
