@@ -93,7 +93,11 @@ def main(argv: list[str]) -> int:
                     with contextlib.suppress(OSError):
                         _write_atomically(target, json.dumps(to_json(view())))
         finally:
+            # Awaited, not only cancelled: the loop closes right after, and a task still pending then
+            # would close its transport on a closed loop (a traceback on stderr at every exit).
             link.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await link
 
     sock = socket.socket(fileno=fd)
     balance = ConnectionBalance(os.path.join(rundir, BALANCE_FILE), index, settings.workers)
