@@ -1,7 +1,7 @@
 """A fail-closed Python plugin runner for Apache APISIX's ext-plugin protocol."""
 
 from .errors import ConfTokenNotFound, InvalidPluginConfig, PluginFailure, RunnerError
-from .plugin import BasePlugin, Headers, HTTPRequest, HTTPResponse, Plugin
+from .plugin import BasePlugin, Headers, HTTPRequest, HTTPResponse, Plugin, Reconfigurable
 from .protocol.messages import Rewrite, Stop
 from .registry import ENTRY_POINT_GROUP, PluginRegistry
 
@@ -16,6 +16,7 @@ __all__ = [
     "Plugin",
     "PluginFailure",
     "PluginRegistry",
+    "Reconfigurable",
     "Rewrite",
     "RunnerError",
     "Stop",

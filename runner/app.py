@@ -1,4 +1,4 @@
-"""Process lifecycle: plugin set-up, event loop choice, signals, serve, exit code."""
+"""Process lifecycle: plugin set-up, event loop choice, signals (SIGHUP reloads), serve, exit code."""
 
 from __future__ import annotations
 
@@ -16,9 +16,10 @@ from .logs import NOTICE
 from .metrics import MetricsSource, RPCStats, build_registry, live_view
 from .preflight import missing_extra
 from .registry import PluginRegistry
+from .reload import Reloader, ReloadStats, reloading
 from .server import RunnerServer, StartupError
 from .session import RPCObserver
-from .settings import Settings
+from .settings import Settings, SettingsSource
 from .sharedconf import SharedConfs
 
 __all__ = ["EXIT_OK", "EXIT_STARTUP_FAILURE", "exit_now", "run", "setup_plugins"]
@@ -69,7 +70,7 @@ def serving_line(socket_path: str, workers: int, endpoint: HealthEndpoint | None
 
 
 def _metrics_endpoint(
-    settings: Settings, registry: PluginRegistry, observers: list[RPCObserver]
+    settings: Settings, registry: PluginRegistry, observers: list[RPCObserver], reload_stats: ReloadStats | None
 ) -> Callable[[RunnerServer], HealthEndpoint]:
     """Prepare /metrics + health; raises ImportError without prometheus-client."""
     from prometheus_client import generate_latest
@@ -78,7 +79,9 @@ def _metrics_endpoint(
     address = settings.metrics_addr
     stats = RPCStats()
     observers.append(stats)
-    sources = [p for p in registry if isinstance(p, MetricsSource)]
+    sources: list[MetricsSource] = [p for p in registry if isinstance(p, MetricsSource)]
+    if reload_stats is not None:
+        sources.append(reload_stats)
 
     def build(server: RunnerServer) -> HealthEndpoint:
         prom = build_registry(live_view(stats, server_gauges(server), sources))
@@ -121,27 +124,33 @@ def run(
     listen_socket: socket.socket | None = None,
     shared: SharedConfs | None = None,
     balance: ConnectionBalance | None = None,
+    source: SettingsSource | None = None,
 ) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code.
 
     ``listen_socket``/``shared`` run this process as one worker of runner.supervisor; ``extra`` is a
-    coroutine run beside the server (cancelled at shutdown)."""
+    coroutine run beside the server (cancelled at shutdown); ``source`` (how ``settings`` were read)
+    enables reloads on SIGHUP and ``reload_watch_seconds`` (runner.reload)."""
     try:
         setup_plugins(registry, settings)
     except StartupError as exc:
         log.error("event=startup_failed reason=%r", str(exc))
         return EXIT_STARTUP_FAILURE
     observers = list(observers)
+    reload_stats = ReloadStats() if source is not None else None
     endpoint_factory = None
     if settings.metrics_addr is not None:
         try:
-            endpoint_factory = _metrics_endpoint(settings, registry, observers)
+            endpoint_factory = _metrics_endpoint(settings, registry, observers, reload_stats)
         except ImportError:  # runner.preflight catches this first; this is for in-process callers
             log.error("event=startup_failed reason=%r", missing_extra("metrics"))
             return EXIT_STARTUP_FAILURE
     server = RunnerServer(
         settings, registry, observers=observers, listen_socket=listen_socket, shared=shared, balance=balance
     )
+    reloader = None
+    if source is not None:
+        reloader = Reloader(source, registry, settings, server.apply_settings, stats=reload_stats)
 
     async def main() -> int:
         endpoint = None
@@ -166,7 +175,8 @@ def run(
         if endpoint is not None:
             handover = asyncio.ensure_future(close_when_superseded(server.superseded, endpoint))
         try:
-            await server.serve()
+            async with reloading(reloader):
+                await server.serve()
         finally:
             server.remove_signal_handlers()
             for task in (side, handover):

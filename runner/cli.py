@@ -20,8 +20,9 @@ from .cpus import usable_cpus
 from .logs import configure_logging
 from .preflight import check_extras, check_socket_path
 from .registry import PluginRegistry, RegistryError
+from .reload import catch_early_hangups
 from .server import StartupError
-from .settings import SettingsError, load_settings
+from .settings import SettingsError, SettingsSource
 
 log = logging.getLogger("mtls_guard.runner")
 
@@ -59,6 +60,7 @@ def _add_run(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 
 def _run(args: argparse.Namespace) -> int:
+    catch_early_hangups()  # first: until serving, a SIGHUP is noted (it reloads then), not fatal
     overrides = {
         "listen": args.listen,
         "log_level": args.log_level,
@@ -69,8 +71,10 @@ def _run(args: argparse.Namespace) -> int:
         "workers": args.workers,
         "replace": args.replace,
     }
+    # What a reload reads again: the file, under the environment and options of this start.
+    source = SettingsSource(environ=dict(os.environ), config_file=args.config, overrides=overrides)
     try:
-        settings = load_settings(environ=os.environ, config_file=args.config, overrides=overrides)
+        settings = source.load()
         configure_logging(settings.log_level, settings.log_file)
         check_extras(settings)
         check_socket_path(settings)
@@ -86,9 +90,9 @@ def _run(args: argparse.Namespace) -> int:
     if settings.workers > 1:
         from .supervisor import Supervisor
 
-        code = Supervisor(settings, registry).run()
+        code = Supervisor(settings, registry, source).run()
     else:
-        code = run(settings, registry)
+        code = run(settings, registry, source=source)
     return exit_now(code)  # the process ends here, without the interpreter's slow teardown
 
 

@@ -15,6 +15,7 @@ __all__ = [
     "PluginFailure",
     "ProtocolViolation",
     "RunnerError",
+    "StaleConf",
     "UnknownPlugin",
     "error_code_for",
 ]
@@ -54,6 +55,19 @@ class UnknownPlugin(InvalidPluginConfig):
     def __init__(self, plugin: str, index: int, known: tuple[str, ...]) -> None:
         listed = ", ".join(known) or "none"
         super().__init__(plugin, index, f"no such plugin (registered: {listed})")
+
+
+class StaleConf(RunnerError):
+    """A conf token compiled before a reload no longer compiles against the reloaded plugin state.
+
+    Not CONF_TOKEN_NOT_FOUND: APISIX would re-prepare the same conf on every call, to the same end.
+    The token fails closed until APISIX prepares a changed conf, or a later reload makes it compile."""
+
+    code = ErrCode.SERVICE_UNAVAILABLE
+
+    def __init__(self, token: int, reason: InvalidPluginConfig) -> None:
+        super().__init__(f"conf token {token} no longer compiles after a reload: {reason}")
+        self.token = token
 
 
 class PluginFailure(RunnerError):

@@ -2,8 +2,8 @@
 when scraped (``prometheus_client`` is an optional extra and is imported lazily).
 
 Labels are bounded by construction: RPC type and outcome come from fixed sets, plugins report their
-own bounded label sets through ``CounterSnapshot`` (mtls-guard: verdict, reason, mode — never DNs,
-paths or fingerprints).
+own bounded label sets through ``CounterSnapshot`` and ``GaugeSnapshot`` (mtls-guard: verdict, reason,
+mode — never DNs, paths or fingerprints).
 """
 
 from __future__ import annotations
@@ -11,10 +11,11 @@ from __future__ import annotations
 import bisect
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import Any, Literal, Protocol, runtime_checkable
 
 __all__ = [
     "CounterSnapshot",
+    "GaugeSnapshot",
     "MetricsSource",
     "MetricsView",
     "RPCStats",
@@ -38,11 +39,27 @@ class CounterSnapshot:
     values: Mapping[tuple[str, ...], float]
 
 
+@dataclass(frozen=True, slots=True)
+class GaugeSnapshot:
+    """A gauge family a plugin exposes: values keyed by label-value tuples.
+
+    ``merge`` says how the supervisor combines the same series from several workers at scrape
+    time: each worker holds its own copy of plugin state (a CRL's seconds to nextUpdate is the
+    same everywhere, so "max" or "min" is right; per-worker sizes that add up want "sum").
+    """
+
+    name: str
+    documentation: str
+    labels: tuple[str, ...]
+    values: Mapping[tuple[str, ...], float]
+    merge: Literal["sum", "min", "max"] = "max"
+
+
 @runtime_checkable
 class MetricsSource(Protocol):
-    """Plugins that have counters implement this; the runner scrapes it on demand."""
+    """Plugins that have counters or gauges implement this; the runner scrapes it on demand."""
 
-    def metrics(self) -> Iterable[CounterSnapshot]: ...
+    def metrics(self) -> Iterable[CounterSnapshot | GaugeSnapshot]: ...
 
 
 class RPCStats:
@@ -72,6 +89,7 @@ class MetricsView:
     stats: RPCStats
     gauges: Mapping[str, tuple[str, float]]
     counters: tuple[CounterSnapshot, ...]
+    labelled_gauges: tuple[GaugeSnapshot, ...] = ()
 
 
 def live_view(
@@ -81,10 +99,12 @@ def live_view(
     source_list = list(sources)
 
     def read() -> MetricsView:
+        snaps = [snap for source in source_list for snap in source.metrics()]
         return MetricsView(
             stats,
             {name: (doc, value()) for name, (doc, value) in gauges.items()},
-            tuple(snap for source in source_list for snap in source.metrics()),
+            tuple(s for s in snaps if isinstance(s, CounterSnapshot)),
+            tuple(s for s in snaps if isinstance(s, GaugeSnapshot)),
         )
 
     return read
@@ -100,14 +120,20 @@ def to_json(view: MetricsView) -> dict[str, Any]:
             [c.name, c.documentation, list(c.labels), [[list(k), v] for k, v in c.values.items()]]
             for c in view.counters
         ],
+        "labelled_gauges": [
+            [g.name, g.documentation, list(g.labels), g.merge, [[list(k), v] for k, v in g.values.items()]]
+            for g in view.labelled_gauges
+        ],
     }
 
 
 def merge(views: Iterable[Mapping[str, Any]]) -> MetricsView:
-    """Sum the workers' views: counters, histograms and gauges (connections, tokens per worker) add up."""
+    """Combine the workers' views: counters, histograms and the runner's gauges (connections, tokens
+    per worker) add up; plugin gauges combine as their ``GaugeSnapshot.merge`` says."""
     stats = RPCStats()
     gauges: dict[str, tuple[str, float]] = {}
     counters: dict[str, tuple[str, tuple[str, ...], dict[tuple[str, ...], float]]] = {}
+    labelled: dict[str, tuple[str, tuple[str, ...], Literal["sum", "min", "max"], dict[tuple[str, ...], float]]] = {}
     for view in views:
         for rpc_type, outcome, n in view.get("rpc", ()):
             stats.counts[(rpc_type, outcome)] = stats.counts.get((rpc_type, outcome), 0) + int(n)
@@ -122,9 +148,30 @@ def merge(views: Iterable[Mapping[str, Any]]) -> MetricsView:
             family = counters.setdefault(name, (doc, tuple(labels), {}))
             for key, value in values:
                 family[2][tuple(key)] = family[2].get(tuple(key), 0.0) + float(value)
+        for name, doc, labels, how, values in view.get("labelled_gauges", ()):
+            kind = _merge_kind(how)
+            series = labelled.setdefault(name, (doc, tuple(labels), kind, {}))[3]
+            combine = _COMBINE[kind]
+            for key, value in values:
+                k = tuple(key)
+                series[k] = combine(series[k], float(value)) if k in series else float(value)
     return MetricsView(
-        stats, gauges, tuple(CounterSnapshot(n, d, labels, v) for n, (d, labels, v) in sorted(counters.items()))
+        stats,
+        gauges,
+        tuple(CounterSnapshot(n, d, labels, v) for n, (d, labels, v) in sorted(counters.items())),
+        tuple(GaugeSnapshot(n, d, labels, v, kind) for n, (d, labels, kind, v) in sorted(labelled.items())),
     )
+
+
+_COMBINE: dict[str, Callable[[float, float], float]] = {"sum": lambda a, b: a + b, "min": min, "max": max}
+
+
+def _merge_kind(how: object) -> Literal["sum", "min", "max"]:
+    if how == "sum":
+        return "sum"
+    if how == "min":
+        return "min"
+    return "max"
 
 
 def build_registry(read: Callable[[], MetricsView]) -> Any:
@@ -160,6 +207,11 @@ def build_registry(read: Callable[[], MetricsView]) -> Any:
                 for labels, value in sorted(snap.values.items()):
                     family.add_metric(list(labels), value)
                 yield family
+            for gauge in view.labelled_gauges:
+                gfamily = GaugeMetricFamily(gauge.name, gauge.documentation, labels=list(gauge.labels))
+                for labels, value in sorted(gauge.values.items()):
+                    gfamily.add_metric(list(labels), value)
+                yield gfamily
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Collector())

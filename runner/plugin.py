@@ -4,19 +4,22 @@ A plugin parses its route config once per PrepareConf (``parse_conf``) into an i
 the runner then hands that object to ``on_request`` (ext-plugin-pre-req / post-req) or
 ``on_response`` (ext-plugin-post-resp) for every call. Raising in ``parse_conf`` rejects the route
 config (APISIX answers 503 for that route); raising in a filter fails the call closed (503).
+
+Options come once through ``setup``; a plugin that also defines ``reconfigure`` (see Reconfigurable)
+takes new options on a live reload without a restart.
 """
 
 from __future__ import annotations
 
 import ipaddress
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, Generic, Protocol, TypeVar, runtime_checkable
 
+from .headers import Headers, header_name, text
 from .protocol.codec import HTTPReqCall, HTTPRespCall
 from .protocol.messages import (
     METHOD_NAMES,
     ExtraInfoQuery,
-    Pairs,
     ReqBodyQuery,
     RespBodyQuery,
     Rewrite,
@@ -31,6 +34,7 @@ __all__ = [
     "HTTPResponse",
     "Headers",
     "Plugin",
+    "Reconfigurable",
 ]
 
 ConfT = TypeVar("ConfT")
@@ -45,7 +49,8 @@ class ExtraInfoChannel(Protocol):
 
 @runtime_checkable
 class Plugin(Protocol[ConfT]):
-    """What the runner needs from a plugin. See BasePlugin for defaults."""
+    """What the runner needs from a plugin. See BasePlugin for defaults, and Reconfigurable for the
+    optional ``reconfigure`` that lets a live reload (SIGHUP) give it new options."""
 
     name: str
 
@@ -68,8 +73,31 @@ class Plugin(Protocol[ConfT]):
         """Inspect or change the upstream response (ext-plugin-post-resp)."""
 
 
+@runtime_checkable
+class Reconfigurable(Protocol):
+    """The optional live-reload half of the contract; a plugin without it keeps its start-up options
+    (a reload that changes them logs them as needing a restart)."""
+
+    def reconfigure(self, options: Mapping[str, Any]) -> Callable[[], None]:
+        """Validate ``options`` (the plugin's section of the reloaded settings, paths resolved as for
+        ``setup``) and build everything from them, without changing the current state; raise (any
+        exception; its message is logged) if they are invalid. Return ``commit``, which installs the
+        new state and cannot fail.
+
+        Called on every reload (SIGHUP, or a watched file changed), even with unchanged options:
+        the files they name may have changed. It runs in a helper thread while calls are served
+        from the current state, so it must only read that state. The runner commits only when every
+        plugin's ``reconfigure`` succeeded (in every worker process); otherwise nothing changes
+        anywhere. ``commit`` runs on the event loop between two calls; after it every conf token
+        is compiled again through ``parse_conf`` on its next use, while calls already running finish
+        with the conf they started with. State a decision depends on should therefore reach
+        ``on_request`` through the compiled conf. A conf that no longer compiles fails closed (503)
+        until APISIX prepares a changed one or a later reload makes it compile again."""
+
+
 class BasePlugin(Generic[ConfT]):
-    """Convenience base class: no-op filters and a raw-string config."""
+    """Convenience base class: no-op filters and a raw-string config. It has no ``reconfigure``, so
+    a subclass that does not define one needs a restart to take new options (see Reconfigurable)."""
 
     name = ""
 
@@ -84,48 +112,6 @@ class BasePlugin(Generic[ConfT]):
 
     async def on_response(self, conf: ConfT, response: HTTPResponse) -> None:
         return None
-
-
-class Headers:
-    """Read-only multi-valued view of ``(name, value)`` pairs; lookups are case-insensitive."""
-
-    __slots__ = ("_index", "_pairs")
-
-    def __init__(self, pairs: Pairs) -> None:
-        self._pairs = pairs
-        self._index: dict[str, list[str | None]] | None = None
-
-    def _lookup(self) -> dict[str, list[str | None]]:
-        if self._index is None:
-            index: dict[str, list[str | None]] = {}
-            for name, value in self._pairs:
-                index.setdefault(name.lower(), []).append(value)
-            self._index = index
-        return self._index
-
-    def get(self, name: str, default: str | None = None) -> str | None:
-        """The first value of ``name`` (a flag without value gives ``default``)."""
-        values = self._lookup().get(name.lower())
-        if not values or values[0] is None:
-            return default
-        return values[0]
-
-    def get_all(self, name: str) -> tuple[str | None, ...]:
-        return tuple(self._lookup().get(name.lower(), ()))
-
-    def __contains__(self, name: object) -> bool:
-        return isinstance(name, str) and name.lower() in self._lookup()
-
-    def __len__(self) -> int:
-        return len(self._pairs)
-
-    @property
-    def pairs(self) -> Pairs:
-        return self._pairs
-
-
-def _text(raw: bytes | None) -> str | None:
-    return None if raw is None else raw.decode("utf-8", "surrogateescape")
 
 
 _VAR_QUERY_CACHE_SIZE = 1024
@@ -177,7 +163,7 @@ class _ExtraInfoMixin:
         if name in self._vars:
             return self._vars[name]
         (raw,) = await self._channel.query([_var_query(name)])
-        value = self._vars[name] = _text(raw)
+        value = self._vars[name] = text(raw)
         return value
 
 
@@ -275,10 +261,10 @@ class HTTPRequest(_ExtraInfoMixin):
         self._path = path
 
     def set_header(self, name: str, value: str) -> None:
-        self._header_changes[_header_name(name)] = value
+        self._header_changes[header_name(name)] = value
 
     def delete_header(self, name: str) -> None:
-        self._header_changes[_header_name(name)] = None
+        self._header_changes[header_name(name)] = None
 
     def set_arg(self, name: str, *values: str) -> None:
         """Replace every value of query arg ``name`` (several values make it repeated)."""
@@ -290,7 +276,7 @@ class HTTPRequest(_ExtraInfoMixin):
         self._arg_changes[name] = [None]
 
     def add_response_header(self, name: str, value: str) -> None:
-        self._resp_headers.append((_header_name(name), value))
+        self._resp_headers.append((header_name(name), value))
 
     def set_body(self, body: bytes) -> None:
         if not body:
@@ -377,22 +363,3 @@ class HTTPResponse(_ExtraInfoMixin):
         APISIX replaces the upstream's whole header set with a non-empty list."""
         headers = () if self._headers is None else tuple(self._headers)
         return self._status, headers, self._new_body
-
-
-_HEADER_NAME_CACHE_SIZE = 1024
-_header_names: dict[str, str] = {}
-
-
-def _header_name(name: str) -> str:
-    """``name`` lower-cased, or ValueError for a name that would corrupt the request. Names come
-    from plugin code and configuration, so they repeat: each is checked once (bounded cache)."""
-    lowered = _header_names.get(name)
-    if lowered is not None:
-        return lowered
-    if not isinstance(name, str) or not name or any(c in name for c in "\r\n:\x00 "):
-        raise ValueError(f"invalid header name {name!r}")
-    lowered = name.lower()
-    if len(_header_names) >= _HEADER_NAME_CACHE_SIZE:
-        _header_names.clear()
-    _header_names[name] = lowered
-    return lowered

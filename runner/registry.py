@@ -48,6 +48,9 @@ class PluginRegistry:
         for method in ("on_request", "on_response"):
             if not inspect.iscoroutinefunction(getattr(plugin, method, None)):
                 raise RegistryError(f"plugin {name!r}: {method}() must be an async function")
+        reconfigure = getattr(plugin, "reconfigure", None)  # optional (runner.plugin.Reconfigurable)
+        if reconfigure is not None and (not callable(reconfigure) or inspect.iscoroutinefunction(reconfigure)):
+            raise RegistryError(f"plugin {name!r}: reconfigure() must be a plain function (it runs in a thread)")
         self._plugins[name] = plugin
 
     def get(self, name: str) -> Plugin[Any] | None:

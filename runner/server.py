@@ -272,6 +272,14 @@ class RunnerServer:
         if old is not None:
             old.close()
 
+    def apply_settings(self, settings: Settings) -> None:
+        """Swap in reloaded settings (runner.reload passes only what may change live) and have every
+        conf token compiled again on its next use, against the plugin state just committed."""
+        self.settings = settings
+        self.session_config.call_timeout = settings.call_timeout
+        self.store.resize(ttl=settings.token_ttl, max_entries=settings.max_conf_entries)
+        self.store.new_generation()
+
     def stop(self) -> None:
         """Ask the server to shut down (signal-safe: only sets an event); also works before start()."""
         self._stopping.set()
@@ -345,11 +353,10 @@ class RunnerServer:
                 os.unlink(self.settings.listen)
 
     async def _sweep(self) -> None:
-        idle_timeout = self.settings.idle_timeout
         while True:
             await asyncio.sleep(_SWEEP_INTERVAL)
             try:
-                await self._sweep_once(idle_timeout)
+                await self._sweep_once(self.settings.idle_timeout)  # a reload may change it
             except Exception:  # a failing sweep must not end deadlines and idle closing for good
                 log.exception("event=sweep_failed")
 

@@ -52,8 +52,10 @@ _HTTP_RESP_CALL = int(RPCType.HTTP_RESP_CALL)
 _View: TypeAlias = codec.HTTPReqCall | codec.HTTPRespCall
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(slots=True)
 class SessionConfig:
+    """Shared by every session of a server; a reload changes ``call_timeout`` in place (runner.reload)."""
+
     store: ConfStore
     call_timeout: float = 10.0
     max_payload: int = MAX_PAYLOAD

@@ -16,7 +16,7 @@ from .cpus import usable_cpus
 from .httpd import parse_host_port
 from .protocol.messages import MAX_PAYLOAD
 
-__all__ = ["Settings", "SettingsError", "load_settings", "parse_listen_address"]
+__all__ = ["Settings", "SettingsError", "SettingsSource", "load_settings", "parse_listen_address", "path_options"]
 
 LogLevel = Literal["debug", "info", "warning", "error"]
 _LOG_LEVELS = ("debug", "info", "warning", "error")
@@ -54,6 +54,9 @@ class Settings:
     """HOST:PORT serving /metrics, /healthz and /readyz (opt-in)."""
     plugins: Mapping[str, Mapping[str, Any]] = field(default_factory=dict)
     """Per-plugin options; relative paths in ``*_file(s)``/``*_dir(s)`` options are already resolved."""
+    reload_watch_seconds: float = 0.0
+    """Poll the config file and path-valued plugin options this often and reload on a change (0 = off;
+    SIGHUP always reloads)."""
     replace: bool = False
     """Take the socket over even while another runner serves it (``--replace``; implied when the socket
     comes from APISIX_LISTEN_ADDRESS, see ``load_settings``). Not a file key: it is a decision about
@@ -88,6 +91,10 @@ class Settings:
         _check(self.event_loop in _LOOPS, f"event_loop must be one of {', '.join(_LOOPS)}")
         _check(1 <= self.workers <= 64, "workers must be in [1, 64]")
         _check(isinstance(self.replace, bool), "replace must be true or false")
+        _check(
+            self.reload_watch_seconds == 0 or 0.1 <= self.reload_watch_seconds <= 3600,
+            "reload_watch_seconds must be 0 (off) or in [0.1, 3600]",
+        )
         if self.metrics_addr is not None:
             try:
                 parse_host_port(self.metrics_addr)
@@ -166,6 +173,20 @@ def _resolve_paths(data: dict[str, Any], base: str) -> dict[str, Any]:
     return out
 
 
+def path_options(plugins: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Every path a plugin option names (``*_file(s)``/``*_dir(s)``, as resolved above), in order."""
+    paths: list[str] = []
+    for options in plugins.values():
+        for key, value in options.items():
+            if not isinstance(key, str):
+                continue
+            if key.endswith(_PATH_SUFFIXES) and isinstance(value, str) and value:
+                paths.append(value)
+            elif key.endswith(_PATHS_SUFFIXES) and isinstance(value, list):
+                paths.extend(item for item in value if isinstance(item, str) and item)
+    return paths
+
+
 def _resolve_plugin_paths(options: Mapping[str, Any], resolve: Callable[[Any], Any]) -> dict[str, Any]:
     out = dict(options)
     for key, value in options.items():
@@ -188,6 +209,7 @@ _NUMBER_TYPES: dict[str, type] = {
     "call_timeout": float,
     "drain_timeout": float,
     "idle_timeout": float,
+    "reload_watch_seconds": float,
 }
 
 
@@ -259,6 +281,20 @@ def load_settings(
         return Settings(**values)
     except TypeError as exc:  # a wrong type slipped through: still one clear line
         raise SettingsError(str(exc)) from exc
+
+
+@dataclass(frozen=True, slots=True)
+class SettingsSource:
+    """Where the settings came from at start-up, so that a reload (runner.reload) reads them the same
+    way: the config file again, under the same environment and command-line overrides, which keep
+    their precedence over the file."""
+
+    environ: Mapping[str, str]
+    config_file: str | None = None
+    overrides: Mapping[str, Any] = field(default_factory=dict)
+
+    def load(self) -> Settings:
+        return load_settings(environ=self.environ, config_file=self.config_file, overrides=self.overrides)
 
 
 def with_listen(settings: Settings, path: str) -> Settings:

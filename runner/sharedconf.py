@@ -51,7 +51,8 @@ def _decode(text: str) -> tuple[ConfEntry, ...]:
 
 class SharedConfs:
     def __init__(self, path: str, *, max_entries: int, clock: Callable[[], float]) -> None:
-        self._max = max_entries
+        self.max_entries = max_entries
+        """Rows kept (least recently extended go first); a reload may change it (ConfStore.resize)."""
         self._clock = clock
         try:
             self._db = sqlite3.connect(path, timeout=_BUSY_TIMEOUT, isolation_level=None)
@@ -67,6 +68,9 @@ class SharedConfs:
         """Create the table and the first token (the supervisor does this once, before forking)."""
         db = sqlite3.connect(path, isolation_level=None)
         try:
+            # Switching to WAL takes an exclusive lock: done here once, workers starting together
+            # find it done instead of queueing for it within their short busy timeout.
+            db.execute("PRAGMA journal_mode=WAL")
             db.executescript(_SCHEMA)
             db.execute("INSERT OR REPLACE INTO meta(name, value) VALUES ('next_token', ?)", (first_token,))
         finally:
@@ -118,10 +122,10 @@ class SharedConfs:
     def _prune(self, now: float) -> None:
         self._db.execute("DELETE FROM confs WHERE expires <= ?", (now,))
         (count,) = self._db.execute("SELECT COUNT(*) FROM confs").fetchone()
-        if count > self._max:
+        if count > self.max_entries:
             self._db.execute(
                 "DELETE FROM confs WHERE token IN (SELECT token FROM confs ORDER BY expires LIMIT ?)",
-                (count - self._max,),
+                (count - self.max_entries,),
             )
 
     def fetch(self, token: int) -> tuple[tuple[ConfEntry, ...], str | None, float] | None:

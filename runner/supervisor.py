@@ -9,7 +9,8 @@ on one worker works on every other without an extra round trip for APISIX.
 The supervisor replaces a worker that dies (with back-off if it keeps dying), re-binds the socket if
 the file is deleted (then rolls the workers onto the new one) but never once another runner's file
 took the path, serves /metrics (the workers' counters, asked for at scrape time and added up:
-runner.workerlink), /healthz and /readyz when asked, and on SIGTERM stops everything within
+runner.workerlink), /healthz and /readyz when asked, reloads on SIGHUP (checks the settings once,
+then has every worker apply them: runner.workerreload), and on SIGTERM stops everything within
 APISIX's 1 s.
 """
 
@@ -17,8 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
-import json
 import logging
 import os
 import shutil
@@ -27,20 +26,21 @@ import socket
 import stat
 import subprocess
 import sys
-import tempfile
 import time
-from pathlib import Path
 from typing import Literal
 
 from .app import EXIT_OK, EXIT_STARTUP_FAILURE, serving_line, setup_plugins
 from .balance import ConnectionBalance
 from .httpd import HealthEndpoint
-from .metrics import MetricsView, build_registry, merge
+from .metrics import MetricsView, RPCStats, build_registry, live_view, merge, to_json
 from .registry import PluginRegistry
+from .reload import Reloader, ReloadStats, reloading
+from .rundir import BALANCE_FILE, CONFS_FILE, create_run_dir, metrics_file, ready_file, write_settings
 from .server import StartupError, bind_unix_socket, in_use_message, random_first_token, socket_file_is, socket_is_live
-from .settings import Settings
+from .settings import Settings, SettingsSource
 from .sharedconf import SharedConfs
 from .workerlink import WorkerLink, gather_views
+from .workerreload import WorkerFanout
 
 __all__ = ["Supervisor"]
 
@@ -51,27 +51,6 @@ _TICK = 0.1
 _STOP_DEADLINE = 0.85
 _MAX_BACKOFF = 5.0
 _HEALTHY_AFTER = 2.0
-
-SETTINGS_FILE = "settings.json"
-CONFS_FILE = "confs.sqlite3"
-BALANCE_FILE = "connections.map"
-
-
-def metrics_file(rundir: str, index: int) -> str:
-    """A worker's counters, rewritten every second: the fallback when it does not answer a scrape."""
-    return os.path.join(rundir, f"metrics-{index}.json")
-
-
-def ready_file(rundir: str, index: int) -> str:
-    """Created by a worker once it accepts connections."""
-    return os.path.join(rundir, f"ready-{index}")
-
-
-def _run_dir() -> str:
-    """A private directory for the shared table and metrics (tmpfs when there is one)."""
-    # mkdtemp creates a fresh 0700 directory, so a shared tmpfs is safe here.
-    base = "/dev/shm" if os.access("/dev/shm", os.W_OK) else None  # noqa: S108
-    return tempfile.mkdtemp(prefix="mtls-guard-", dir=base)  # mode 0700
 
 
 class _Worker:
@@ -87,9 +66,13 @@ class _Worker:
 
 
 class Supervisor:
-    def __init__(self, settings: Settings, registry: PluginRegistry) -> None:
+    def __init__(self, settings: Settings, registry: PluginRegistry, source: SettingsSource | None = None) -> None:
+        """``source``: how ``settings`` were read, to read them again on SIGHUP (no reloads without it)."""
         self.settings = settings
         self.registry = registry
+        self.source = source
+        self.reload_stats = ReloadStats()
+        self._reloader: Reloader | None = None
         self.workers = [_Worker(i) for i in range(settings.workers)]
         self._rundir = ""
         self._sock: socket.socket | None = None
@@ -113,12 +96,11 @@ class Supervisor:
             signal.signal(sig, self._early_signal)
         try:
             setup_plugins(self.registry, self.settings)  # fail before binding, in one clear line
-            self._rundir = _run_dir()
+            self._rundir = create_run_dir()
             SharedConfs.initialise(os.path.join(self._rundir, CONFS_FILE), random_first_token())
             ConnectionBalance.create(os.path.join(self._rundir, BALANCE_FILE), len(self.workers))
-            worker_settings = dataclasses.replace(self.settings, metrics_addr=None)
-            Path(self._rundir, SETTINGS_FILE).write_text(json.dumps(dataclasses.asdict(worker_settings)))
-        except (StartupError, OSError) as exc:
+            write_settings(self._rundir, self.settings)
+        except (StartupError, OSError, TypeError) as exc:  # TypeError: plugin options JSON cannot carry
             log.error("event=startup_failed reason=%r", str(exc))
             self._cleanup()
             return EXIT_STARTUP_FAILURE
@@ -156,18 +138,14 @@ class Supervisor:
             return EXIT_STARTUP_FAILURE
         if not self._stopping.is_set():
             serving_line(self.settings.listen, len(self.workers), endpoint)
+        if self.source is not None:
+            fanout = WorkerFanout(self._rundir, self._links)
+            self._reloader = Reloader(
+                self.source, self.registry, self.settings, self._applied, stats=self.reload_stats, fanout=fanout
+            )
         try:
-            while not self._stopping.is_set():
-                with contextlib.suppress(TimeoutError):
-                    await asyncio.wait_for(self._stopping.wait(), _TICK)
-                if not self._stopping.is_set():
-                    self._watch()
-                if self._republish:
-                    self._republish = False
-                    try:
-                        await self._publish(first=False)
-                    except (StartupError, OSError) as exc:
-                        log.error("event=socket_rebind_failed reason=%r", str(exc))
+            async with reloading(self._reloader):
+                await self._supervise()
         finally:
             await self._stop_all()
             if self._handover is not None:
@@ -177,6 +155,30 @@ class Supervisor:
             for sig in (signal.SIGTERM, signal.SIGINT):
                 loop.remove_signal_handler(sig)
         return EXIT_OK
+
+    async def _supervise(self) -> None:
+        while not self._stopping.is_set():
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._stopping.wait(), _TICK)
+            if not self._stopping.is_set():
+                self._watch()
+            if self._republish:
+                self._republish = False
+                try:
+                    await self._publish(first=False)
+                except (StartupError, OSError) as exc:
+                    log.error("event=socket_rebind_failed reason=%r", str(exc))
+
+    def _applied(self, settings: Settings) -> None:
+        self.settings = settings
+
+    def _links(self) -> list[tuple[str, WorkerLink]]:
+        """Every worker a reload must reach: the serving ones, and retiring ones still holding connections."""
+        links = [(f"worker={w.index}", w.link) for w in self.workers if w.link is not None]
+        return links + [(f"retiring_pid={p.pid}", link) for p, link in self._retiring if link is not None]
+
+    def _reloading(self) -> bool:
+        return self._reloader is not None and self._reloader.busy
 
     def _check_path(self) -> None:
         """Refuse, before any work, to replace something at the socket path that is not a socket."""
@@ -271,7 +273,9 @@ class Supervisor:
             elif link is not None:
                 link.close()
         self._retiring = still
-        if not self._superseded:
+        # No worker starts during a reload: it would read the settings file about to be replaced.
+        reloading_now = self._reloading()
+        if not self._superseded and not reloading_now:
             self._watch_path()
         for worker in self.workers:
             process = worker.process
@@ -289,7 +293,7 @@ class Supervisor:
                 delay = min(_MAX_BACKOFF, 0.1 * 2**worker.failures) if worker.failures else 0.0
                 worker.restart_at = now + delay
                 log.error("event=worker_exited worker=%d code=%s restart_in=%.1fs", worker.index, code, delay)
-            if worker.process is None and now >= worker.restart_at:
+            if worker.process is None and now >= worker.restart_at and not reloading_now:
                 self._spawn(worker)
 
     def _socket_intact(self) -> bool:
@@ -396,4 +400,5 @@ class Supervisor:
         that does not answer in time is counted from the file it rewrites every second."""
         links = [w.link for w in self.workers] + [link for _, link in self._retiring]
         files = [metrics_file(self._rundir, w.index) for w in self.workers]
-        return merge(await gather_views(links, files))
+        own = to_json(live_view(RPCStats(), {}, [self.reload_stats])())  # the supervisor decides reloads
+        return merge([*await gather_views(links, files), own])

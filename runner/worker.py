@@ -3,9 +3,10 @@
 
 It serves the listening socket it inherited (FD) with the settings the supervisor wrote into its
 private run directory, shares conf tokens through the table there, answers the supervisor's
-scrape-time requests for its metrics on LINK_FD (runner.workerlink) and keeps a copy of them in the
-run directory as the fallback, and exits when the supervisor is gone (so a SIGKILLed supervisor
-leaves no orphans serving a socket nobody manages).
+scrape-time requests for its metrics and its reload requests (runner.workerreload) on LINK_FD
+(runner.workerlink), keeps a copy of its metrics in the run directory as the fallback, and exits
+when the supervisor is gone (so a SIGKILLed supervisor leaves no orphans serving a socket nobody
+manages).
 """
 
 from __future__ import annotations
@@ -28,11 +29,12 @@ from .balance import ConnectionBalance
 from .logs import configure_logging
 from .metrics import MetricsSource, RPCStats, live_view, to_json
 from .registry import PluginRegistry, RegistryError
+from .rundir import BALANCE_FILE, CONFS_FILE, metrics_file, read_settings, ready_file
 from .server import RunnerServer
-from .settings import Settings, SettingsError
+from .settings import SettingsError
 from .sharedconf import SharedConfs, SharedConfsError
-from .supervisor import BALANCE_FILE, CONFS_FILE, SETTINGS_FILE, metrics_file, ready_file
 from .workerlink import answer_scrapes
+from .workerreload import WorkerReloads
 
 # How stale the fallback file may get: it only counts when this worker does not answer a scrape.
 _FALLBACK_INTERVAL = 1.0
@@ -57,11 +59,12 @@ def main(argv: list[str]) -> int:
     rundir, index, fd, parent, link_fd = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), int(argv[4])
     _die_with_parent()
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the server can retire (see beside())
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come from the supervisor (runner.workerreload)
     if os.getppid() != parent:  # the supervisor died while this worker was starting
         shutil.rmtree(rundir, ignore_errors=True)
         return EXIT_STARTUP_FAILURE
     try:
-        settings = Settings(**json.loads(Path(rundir, SETTINGS_FILE).read_text()))
+        settings = read_settings(rundir)
         configure_logging(settings.log_level, settings.log_file)
         registry = PluginRegistry.discover()
         shared = SharedConfs(
@@ -78,7 +81,10 @@ def main(argv: list[str]) -> int:
         asyncio.get_running_loop().add_signal_handler(signal.SIGUSR1, server.retire)
         Path(ready_file(rundir, index)).touch()  # the server is accepting: the supervisor may publish
         view = live_view(stats, server_gauges(server), sources)
-        link = asyncio.ensure_future(answer_scrapes(socket.socket(fileno=link_fd), lambda: to_json(view())))
+        reloads = WorkerReloads(rundir, registry, server)
+        link = asyncio.ensure_future(
+            answer_scrapes(socket.socket(fileno=link_fd), lambda: to_json(view()), reloads.handle)
+        )
         target = metrics_file(rundir, index)
         last = 0.0
         try:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
+from collections.abc import Callable, Mapping
+from pathlib import Path
 from typing import Any
 
 from runner import BasePlugin, HTTPRequest, HTTPResponse, PluginRegistry, Stop
@@ -17,6 +19,8 @@ __all__ = [
     "BadStop",
     "BodyDigest",
     "Echo",
+    "FileVerdict",
+    "FixedOptions",
     "Hang",
     "Order",
     "Raise",
@@ -206,6 +210,61 @@ class RespHeader(BasePlugin[tuple[str, str]]):
 
     async def on_response(self, conf: tuple[str, str], response: HTTPResponse) -> None:
         response.set_header(*conf)
+
+
+class FileVerdict(BasePlugin[tuple[bool, str]]):
+    """Option ``verdict_file``: a file holding ``allow`` (routes pass) or ``deny`` (403); live reload
+    (``reconfigure``) reads it again and refuses anything else. The verdict is compiled into each conf,
+    so a reload reaches calls through recompilation. Conf ``var:<name>`` asks APISIX for that variable
+    before deciding (a call in flight across a reload); conf ``only-while-allowing`` stops compiling
+    once the file says ``deny``."""
+
+    name = "file-verdict"
+
+    def __init__(self) -> None:
+        self.allow = True
+        self.commits = 0
+
+    def setup(self, options: Mapping[str, Any]) -> None:
+        self.reconfigure(options)()
+
+    def reconfigure(self, options: Mapping[str, Any]) -> Callable[[], None]:
+        path = options.get("verdict_file")
+        allow = True
+        if path is not None:
+            text = Path(path).read_text().strip()
+            if text not in ("allow", "deny"):
+                raise ValueError(f"verdict file {path}: {text[:20]!r} is neither allow nor deny")
+            allow = text == "allow"
+
+        def commit() -> None:
+            self.allow = allow
+            self.commits += 1
+
+        return commit
+
+    def parse_conf(self, value: str) -> tuple[bool, str]:
+        if value == "only-while-allowing" and not self.allow:
+            raise ValueError("only valid while the verdict file says allow")
+        return self.allow, value
+
+    async def on_request(self, conf: tuple[bool, str], request: HTTPRequest) -> Stop | None:
+        allow, value = conf
+        if value.startswith("var:"):
+            await request.var(value.removeprefix("var:"))
+        return None if allow else Stop(status=403, body=b"denied by file")
+
+
+class FixedOptions(BasePlugin[str]):
+    """Takes options at start-up only (no ``reconfigure``): a reload that changes them needs a restart."""
+
+    name = "fixed-options"
+
+    def __init__(self) -> None:
+        self.options: dict[str, Any] = {}
+
+    def setup(self, options: Mapping[str, Any]) -> None:
+        self.options = dict(options)
 
 
 def make_registry() -> PluginRegistry:
