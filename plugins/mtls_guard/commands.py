@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from datetime import UTC, datetime
 from typing import Final
 
 from . import commands_explain
@@ -20,6 +21,7 @@ from .commands_io import (
     fail,
     load_library,
     load_policy,
+    load_revocation_files,
 )
 from .library import PolicyLibrary
 from .lint_findings import Severity
@@ -44,6 +46,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     )
     check.add_argument("policy", nargs="?", help="policy as a JSON/YAML file, or inline JSON ('{...}')")
     check.add_argument("--policy-file", help="policy library (YAML) for named policies; alone: check all")
+    check.add_argument(
+        "--crl",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a CRL file or directory (PEM or DER) to validate as the runner's crl_files would; repeatable",
+    )
+    check.add_argument(
+        "--crl-issuer",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="PEM bundle of the CRLs' issuer certificates (crl_issuer_files); --policy-file CA bundles count too",
+    )
     check.set_defaults(command=_check)
 
     commands_explain.register(sub)
@@ -60,9 +76,15 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
 
 def _check(args: argparse.Namespace) -> int:
     try:
-        if args.policy is None and args.policy_file is None:
-            raise CommandError(EXIT_USAGE, "give a POLICY, or --policy-file to check every named policy")
+        if args.policy is None and args.policy_file is None and not args.crl:
+            raise CommandError(
+                EXIT_USAGE, "give a POLICY, or --policy-file to check every named policy (or --crl to check CRLs)"
+            )
         library = load_library(args.policy_file)
+        if args.crl or args.crl_issuer:
+            _check_crls(args, library)
+            if args.policy is None and args.policy_file is None:
+                return 0
         if args.policy is not None:
             _, compiled = load_policy(args.policy, "policy", library)
             print("valid policy")
@@ -83,6 +105,20 @@ def _check(args: argparse.Namespace) -> int:
         return EXIT_NEGATIVE if failing_open else 0
     except CommandError as exc:
         return fail(CHECK, exc.code, str(exc))
+
+
+def _check_crls(args: argparse.Namespace, library: PolicyLibrary | None) -> None:
+    table = load_revocation_files(args.crl, args.crl_issuer, library)
+    now = datetime.now(UTC)
+    print(f"valid CRLs: {len(table.crls)} in use, each signature verified against its issuer")
+    for info in table.crls:
+        print(f"  {info.describe(now)}")
+        if info.next_update is not None and now >= info.next_update:
+            print(
+                f"{CHECK}: warning: {info.source} is past its nextUpdate: the runner denies every certificate "
+                "of its issuer (crl-stale) unless stale_crl: allow",
+                file=sys.stderr,
+            )
 
 
 def _report_fail_open(config: PolicyConfig, library: PolicyLibrary | None, label: str) -> bool:

@@ -23,6 +23,7 @@ from .commands_io import (
     fail,
     load_library,
     load_policy,
+    load_revocation_files,
     read_certificates,
 )
 from .identity import CertificateError, ClientCertificate
@@ -125,6 +126,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
         metavar="N",
         help="with --client-ca: the SSL object's client.depth, the most intermediates allowed (default 1)",
     )
+    ex.add_argument(
+        "--crl",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="a CRL file or directory (PEM or DER), as the runner's crl_files: revoked certificates are denied",
+    )
+    ex.add_argument(
+        "--crl-issuer",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="PEM bundle of the CRLs' issuers (crl_issuer_files); --policy-file CA bundles count too",
+    )
     ex.add_argument("--peer", default="127.0.0.1", type=_peer, help="direct peer address ($realip_remote_addr)")
     ex.add_argument("--header", action="append", default=[], type=_header, metavar="NAME:VALUE", help="request header")
     ex.add_argument("--json", action="store_true", help="machine-readable output")
@@ -222,7 +237,9 @@ def _explain(args: argparse.Namespace) -> int:
     from .explain import explain, nginx_uri, query_args
 
     _check_combinations(args)
-    plugin, compiled = load_policy(args.policy, "--policy", load_library(args.policy_file))
+    library = load_library(args.policy_file)
+    plugin, compiled = load_policy(args.policy, "--policy", library)
+    plugin.revocation = load_revocation_files(args.crl, args.crl_issuer, library)
     headers: list[tuple[str, str | None]] = [("host", args.host), *args.header]
     target = args.target
     if target is not None:
@@ -277,6 +294,7 @@ def _explain(args: argparse.Namespace) -> int:
         "ssl_client_verify": variables["ssl_client_verify"],
         "client_ca": seen.client_ca,
         "assumptions": seen.assumptions,
+        "crls": [info.describe(datetime.now(UTC)) for info in plugin.revocation.crls],
         "variables_asked": list(result.variables_asked),
         "extra_info_round_trips": result.round_trips,
     }
@@ -302,6 +320,8 @@ def _print_text(outcome: dict[str, Any], target: str, asked: tuple[str, ...], ro
         print(
             f"client certificate checked against --client-ca {ca['file']}: ssl_client_verify={ca['ssl_client_verify']}"
         )
+    for crl in outcome["crls"]:
+        print(f"revocation checked against --crl {crl}")
     if outcome["exemptions"]:
         print("exemptions (first match wins):")
         for line in outcome["exemptions"]:

@@ -17,10 +17,13 @@ from typing import Any, Final
 
 import yaml
 
+from .crl_files import CrlReadError
 from .identity import MAX_INPUT_BYTES, CertificateError, ClientCertificate, load_der, load_pem_chain
 from .library import PolicyLibrary
+from .options import load_revocation
 from .plugin import MtlsGuard
 from .policy import CompiledPolicy, compile_policy
+from .revocation import CrlError, RevocationTable
 from .schema import PolicyError
 
 __all__ = [
@@ -31,6 +34,7 @@ __all__ = [
     "fail",
     "load_library",
     "load_policy",
+    "load_revocation_files",
     "read_certificates",
     "read_file",
 ]
@@ -136,6 +140,19 @@ def load_policy(value: str, what: str, library: PolicyLibrary | None) -> tuple[M
     except PolicyError as exc:
         where = "" if value.lstrip().startswith("{") else f"{value}: "
         raise CommandError(EXIT_NEGATIVE, f"invalid policy: {where}{exc}") from None
+
+
+def load_revocation_files(crls: list[str], issuers: list[str], library: PolicyLibrary | None) -> RevocationTable:
+    """``--crl``/``--crl-issuer`` as the runner reads crl_files/crl_issuer_files (issuers also from the
+    ``--policy-file`` bundles): exit 2 when a file cannot be read, 1 when a CRL is not usable."""
+    if issuers and not crls:
+        raise CommandError(EXIT_USAGE, "--crl-issuer serves to verify --crl, which is not given")
+    try:
+        return load_revocation(crls, issuers, library)
+    except CrlReadError as exc:
+        raise CommandError(EXIT_USAGE, f"--crl/--crl-issuer {exc}") from None
+    except CrlError as exc:
+        raise CommandError(EXIT_NEGATIVE, str(exc)) from None
 
 
 def _pem_name(path: str) -> str:

@@ -12,7 +12,6 @@ import ipaddress
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
-from enum import StrEnum
 from typing import Final, Literal, NamedTuple
 
 from .exemptions import CompiledRule, ExemptMatcher, MethodTraits, plain_method, select
@@ -20,6 +19,8 @@ from .forwarded import parse_forwarded
 from .identity import CertificateCache, CertificateError, ClientCertificate, load_pem, unescape_nginx
 from .matchers import SanMatcher, normalize_host
 from .paths import exempt_path
+from .reasons import Reason
+from .revocation import NO_REVOCATION, RevocationTable, first_problem
 from .schema import HOST_MISMATCH_STATUS, HeaderSource, IPNetwork, Mode
 from .trust import TrustBundle
 
@@ -56,22 +57,6 @@ VAR_ORDER: Final = (
 )
 # Cache keys are namespaced per parse function (identity.CertificateCache requires it).
 _ESCAPED_KEY: Final = "nginx-escaped:"
-
-
-class Reason(StrEnum):
-    EXEMPT = "exempt"
-    VERIFIED = "verified"
-    NO_CERT = "no-cert"
-    VERIFY_FAILED = "verify-failed"
-    EXPIRED = "expired"
-    NOT_YET_VALID = "not-yet-valid"
-    IDENTITY_MISMATCH = "identity-mismatch"
-    FINGERPRINT_MISMATCH = "fingerprint-mismatch"
-    CA_MISMATCH = "ca-mismatch"
-    HOST_MISMATCH = "host-mismatch"
-    PLAIN_HTTP = "plain-http"
-    UNTRUSTED_PROXY = "untrusted-proxy"
-    FORWARDED_CERT_INVALID = "forwarded-cert-invalid"
 
 
 class RequestInput(NamedTuple):
@@ -123,6 +108,7 @@ class IdentityChecks:
     """require.*: checked in a fixed order so that the reported reason is deterministic."""
 
     ca: TrustBundle | None = None
+    crl: RevocationTable | None = None  # require.crl: the route's own CRLs, verified against ``ca``
     fingerprints: frozenset[str] | None = None
     san: SanMatcher | None = None
     subject: tuple[tuple[str, frozenset[str]], ...] = ()
@@ -131,18 +117,28 @@ class IdentityChecks:
     # Certificate fingerprint -> the outcome of the checks that do not depend on the time (a bounded cache).
     memo: dict[str, tuple[Reason, str] | None] = field(default_factory=dict, compare=False, repr=False)
 
-    def check(self, cert: ClientCertificate, now: datetime) -> tuple[Reason, str] | None:
+    def check(
+        self, cert: ClientCertificate, now: datetime, revocation: RevocationTable = NO_REVOCATION
+    ) -> tuple[Reason, str] | None:
         # Re-checked on every request: a resumed TLS session must not keep an expired cert alive.
         validity = cert.validity_at(now)
         if validity == "expired":
             return Reason.EXPIRED, ""
         if validity == "not-yet-valid":
             return Reason.NOT_YET_VALID, ""
+        # Revocation is never memoised (only the path is): a CRL installed or gone stale applies at once.
         if self.ca is not None:
             # $ssl_client_escaped_cert is the leaf only: the route bundle must hold its issuer.
-            problem = self.ca.verify(cert, (), now=now)
+            problem, path = self.ca.verify_path(cert, (), now=now)
             if problem is not None:
                 return Reason.CA_MISMATCH, problem
+            revoked = self.crl.check_path(path, now, revocation.allow_stale) if self.crl is not None else None
+            if revocation.active:
+                revoked = first_problem(revoked, revocation.check_path(path, now, revocation.allow_stale))
+            if revoked is not None:
+                return revoked
+        elif revocation.active and (revoked := revocation.check_leaf(cert, now, revocation.allow_stale)):
+            return revoked
         key = cert.fingerprint_sha256
         try:
             return self.memo[key]
@@ -247,6 +243,7 @@ class Engine:
         *,
         now: datetime,
         cache: CertificateCache,
+        revocation: RevocationTable = NO_REVOCATION,
     ) -> Decision | NeedVars:
         raw = request.path
         if vars is None and raw is not None and "%" in raw:
@@ -268,9 +265,9 @@ class Engine:
             # same 421 as protected requests.
             return self._finish(Reason.HOST_MISMATCH, "host-rule", None)
         if self.header_source is not None:
-            outcome = self._header_mode(self.header_source, request, vars, now, cache)
+            outcome = self._header_mode(self.header_source, request, vars, now, cache, revocation=revocation)
         else:
-            outcome = self._apisix_mode(request, vars, now, cache)
+            outcome = self._apisix_mode(request, vars, now, cache, revocation)
         return self._finish(*outcome)
 
     def _candidates(self, method: str, raw: str | None, encoded: bool) -> tuple[CompiledRule, ...]:
@@ -313,14 +310,21 @@ class Engine:
         status = HOST_MISMATCH_STATUS if reason is Reason.HOST_MISMATCH else self.reject_status
         return Decision(False, "deny", reason, detail, self.mode, status, identity)
 
-    def _verified(self, cert: ClientCertificate, now: datetime) -> tuple[Reason, str, ClientCertificate | None]:
-        failure = self.checks.check(cert, now)
+    def _verified(
+        self, cert: ClientCertificate, now: datetime, revocation: RevocationTable
+    ) -> tuple[Reason, str, ClientCertificate | None]:
+        failure = self.checks.check(cert, now, revocation)
         if failure is not None:
             return failure[0], failure[1], cert
         return Reason.VERIFIED, "", cert
 
     def _apisix_mode(
-        self, request: RequestInput, vars: Mapping[str, str | None], now: datetime, cache: CertificateCache
+        self,
+        request: RequestInput,
+        vars: Mapping[str, str | None],
+        now: datetime,
+        cache: CertificateCache,
+        revocation: RevocationTable,
     ) -> tuple[Reason, str, ClientCertificate | None]:
         if not is_tls(vars):
             return Reason.PLAIN_HTTP, "", None
@@ -341,7 +345,7 @@ class Engine:
             cert = cache.get(_ESCAPED_KEY + escaped, _parse_escaped)
         except CertificateError:
             return Reason.NO_CERT, "unreadable", None
-        return self._verified(cert, now)
+        return self._verified(cert, now, revocation)
 
     def _header_mode(
         self,
@@ -350,6 +354,8 @@ class Engine:
         vars: Mapping[str, str | None],
         now: datetime,
         cache: CertificateCache,
+        *,
+        revocation: RevocationTable,
     ) -> tuple[Reason, str, ClientCertificate | None]:
         values: list[str] = []
         chain_values: list[str] = []
@@ -374,7 +380,10 @@ class Engine:
         if forwarded is None:
             return Reason.NO_CERT, "", None
         # Whatever the proxy claims about verification is ignored: the certificate is re-verified here.
-        problem = source.ca.verify(forwarded.leaf, forwarded.chain, now=now)
+        problem, path = source.ca.verify_path(forwarded.leaf, forwarded.chain, now=now)
         if problem is not None:
             return Reason.VERIFY_FAILED, problem, forwarded.leaf
-        return self._verified(forwarded.leaf, now)
+        # Every certificate of the path verified here, the forwarded intermediates included.
+        if revocation.active and (revoked := revocation.check_path(path, now, revocation.allow_stale)):
+            return revoked[0], revoked[1], forwarded.leaf
+        return self._verified(forwarded.leaf, now, revocation)

@@ -149,11 +149,13 @@ class CertFactory:
         name_constraints: x509.NameConstraints | None = None,
         key_usage: bool = True,
         key_cert_sign: bool = True,
+        crl_sign: bool = True,
     ) -> Issued:
         """Self-signed root, or an intermediate signed by ``parent``; default validity now-1d .. now+365d.
 
         ``name_constraints`` is added as a critical extension. ``key_usage=False`` leaves out the KeyUsage
-        extension; ``key_cert_sign=False`` keeps it but without keyCertSign (negative trust tests).
+        extension; ``key_cert_sign=False`` keeps it but without keyCertSign (negative trust tests), and
+        ``crl_sign=False`` without cRLSign.
         """
         key = key or self.new_key()
         extensions: list[tuple[x509.ExtensionType, bool]] = [
@@ -169,7 +171,7 @@ class CertFactory:
                         data_encipherment=False,
                         key_agreement=False,
                         key_cert_sign=key_cert_sign,
-                        crl_sign=True,
+                        crl_sign=crl_sign,
                         encipher_only=False,
                         decipher_only=False,
                     ),
@@ -258,6 +260,41 @@ class CertFactory:
         pem = _pem(cert)
         chain_pem = pem + "".join(c.pem for c in chain)
         return Issued(cert=cert, key=key, pem=pem, key_pem=_key_pem(key), chain_pem=chain_pem)
+
+    def crl(
+        self,
+        issuer: Issued,
+        revoked: Sequence[Issued | int] = (),
+        *,
+        this_update: datetime | None = None,
+        next_update: datetime | None = None,
+        number: int | None = 1,
+        signing_key: ec.EllipticCurvePrivateKey | None = None,
+        extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
+    ) -> x509.CertificateRevocationList:
+        """A CRL of ``issuer`` listing ``revoked`` (certificates or serial numbers), valid now-1h .. now+1d.
+
+        ``signing_key`` signs with another key than the issuer's (negative tests); ``number=None`` leaves
+        out the CRL number; ``extensions`` are added as given.
+        """
+        key = issuer.key
+        builder = (
+            x509.CertificateRevocationListBuilder()
+            .issuer_name(issuer.cert.subject)
+            .last_update(this_update or self.now - timedelta(hours=1))
+            .next_update(next_update or self.now + timedelta(days=1))
+            .add_extension(x509.AuthorityKeyIdentifier.from_issuer_public_key(key.public_key()), critical=False)
+        )
+        if number is not None:
+            builder = builder.add_extension(x509.CRLNumber(number), critical=False)
+        for ext, critical in extensions:
+            builder = builder.add_extension(ext, critical=critical)
+        for entry in revoked:
+            serial = entry.cert.serial_number if isinstance(entry, Issued) else entry
+            builder = builder.add_revoked_certificate(
+                x509.RevokedCertificateBuilder().serial_number(serial).revocation_date(self.now).build()
+            )
+        return builder.sign(signing_key or key, hashes.SHA256())
 
     def self_signed_leaf(self, cn: str = "rogue", **kwargs: object) -> Issued:
         """A self-signed end-entity certificate (not a CA): the classic "bring your own cert" attacker."""

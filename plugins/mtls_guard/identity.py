@@ -30,6 +30,8 @@ RECENT_ENTRIES = 1024
 RECENT_MAX_KEY = 8192
 RECENT_TAIL = 96
 
+IssuerId = tuple[str, bytes]
+
 _SHORT_NAMES: dict[str, str] = {
     "2.5.4.3": "CN",
     "2.5.4.4": "SN",
@@ -111,6 +113,11 @@ class Name:
         multi = any(s != 1 for s in sizes)
         return cls(tuple(attrs), tuple(sizes) if multi else ())
 
+    def key(self) -> str:
+        """A comparable form of the name: attribute by attribute, whatever ASN.1 string types encode the
+        values (a CA may write PrintableString where its certificates copy UTF8String) or how RDNs group."""
+        return repr(self.attributes)
+
     def values(self, attribute: str) -> tuple[str, ...]:
         """All values of ``attribute`` (short name, case-insensitive; or dotted OID) in certificate order."""
         wanted = _normalise_attribute(attribute)
@@ -151,6 +158,7 @@ class ClientCertificate:
     # Added beyond the agreed interface; parsed eagerly so that malformed extensions fail at load time.
     is_ca: bool = False
     extended_key_usage: tuple[str, ...] | None = None  # dotted OIDs; None when the extension is absent
+    issuer_id: IssuerId = ("", b"")  # finds the issuer's CRL (revocation); computed once, at parse time
 
     def validity_at(self, now: datetime) -> Literal["valid", "expired", "not-yet-valid"]:
         """RFC 5280 s4.1.2.5: valid from notBefore through notAfter, both inclusive."""
@@ -180,6 +188,13 @@ def extension_value(cert: x509.Certificate, kind: type[_E]) -> _E | None:
         return None
 
 
+def issuer_id_of(cert: x509.Certificate, issuer: Name | None = None) -> IssuerId:
+    """(the issuer's ``Name.key()``, the authority key identifier or b""): where ``cert``'s CRL is found."""
+    aki = extension_value(cert, x509.AuthorityKeyIdentifier)
+    key_id = aki.key_identifier if aki is not None and aki.key_identifier is not None else b""
+    return (issuer or Name.from_x509(cert.issuer)).key(), key_id
+
+
 def _from_der(der: bytes) -> ClientCertificate:
     # cryptography parses extensions lazily; touch everything here so malformed parts fail now, inside
     # the one place that converts every parser exception into CertificateError.
@@ -188,6 +203,7 @@ def _from_der(der: bytes) -> ClientCertificate:
         san = extension_value(cert, x509.SubjectAlternativeName)
         basic = extension_value(cert, x509.BasicConstraints)
         eku = extension_value(cert, x509.ExtendedKeyUsage)
+        issuer = Name.from_x509(cert.issuer)
         dns = tuple(
             d.translate(_ASCII_LOWER).removesuffix(".") for d in (san.get_values_for_type(x509.DNSName) if san else [])
         )
@@ -196,7 +212,7 @@ def _from_der(der: bytes) -> ClientCertificate:
             fingerprint_sha256=hashlib.sha256(der).hexdigest(),
             serial=cert.serial_number,
             subject=Name.from_x509(cert.subject),
-            issuer=Name.from_x509(cert.issuer),
+            issuer=issuer,
             not_before=cert.not_valid_before_utc,
             not_after=cert.not_valid_after_utc,
             san_dns=dns,
@@ -206,6 +222,7 @@ def _from_der(der: bytes) -> ClientCertificate:
             certificate=cert,
             is_ca=bool(basic and basic.ca),
             extended_key_usage=tuple(o.dotted_string for o in eku) if eku is not None else None,
+            issuer_id=issuer_id_of(cert, issuer),
         )
     except Exception:  # noqa: BLE001 - see below
         # Hostile DER can raise many types; all mean "unusable". No chaining: some causes (e.g.

@@ -10,12 +10,13 @@ from __future__ import annotations
 import logging
 from collections import Counter
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from functools import partial
 from typing import Any, Final, NamedTuple
 
 from runner.errors import PluginFailure
-from runner.metrics import CounterSnapshot
+from runner.metrics import CounterSnapshot, GaugeSnapshot
 from runner.plugin import BasePlugin, HTTPRequest, HTTPResponse
 from runner.protocol.codec import HTTPReqCall, fold_header_name
 from runner.protocol.messages import Stop
@@ -24,6 +25,7 @@ from .exemptions import MethodTraits
 from .identity import CertificateCache
 from .library import PolicyLibrary
 from .matchers import authority_host
+from .options import load_options
 from .policy import (
     METHOD_OVERRIDE_ARG,
     METHOD_OVERRIDE_HEADERS,
@@ -33,13 +35,11 @@ from .policy import (
     RequestInput,
     compile_policy,
 )
-from .schema import PolicyError
+from .revocation import NO_REVOCATION, RevocationTable
 
 __all__ = ["DecisionCounter", "Judgement", "MtlsGuard", "decide_request", "method_traits", "read_facts"]
 
 log = logging.getLogger("mtls_guard.decision")
-
-_OPTIONS = frozenset({"policy_file", "cert_cache_size"})
 
 
 class DecisionCounter(Counter[tuple[str, str, str]]):
@@ -122,13 +122,17 @@ def read_facts(policy: CompiledPolicy, request: HTTPRequest) -> tuple[RequestInp
 
 
 async def decide_request(
-    policy: CompiledPolicy, request: HTTPRequest, cache: CertificateCache, now: datetime | None = None
+    policy: CompiledPolicy,
+    request: HTTPRequest,
+    cache: CertificateCache,
+    now: datetime | None = None,
+    revocation: RevocationTable = NO_REVOCATION,
 ) -> Judgement:
     """The policy's decision for one request, fetching variables only when the policy needs them."""
     facts, spellings = read_facts(policy, request)
     when = now or datetime.now(UTC)
     values: dict[str, str | None] | None = None
-    outcome = policy.decide(facts, None, now=when, cache=cache)
+    outcome = policy.decide(facts, None, now=when, cache=cache, revocation=revocation)
     if isinstance(outcome, NeedVars):
         if facts.host is None and policy.reads_host:
             # The SNI check of a protected request compares with the Host header: read it now.
@@ -136,11 +140,20 @@ async def decide_request(
             method, path, headers, _, traits, aliased = facts
             facts = RequestInput(method, path, headers, host, traits, aliased)  # _replace() costs ~1 µs
         values = await request.vars(*outcome.names)
-        outcome = policy.decide(facts, values, now=when, cache=cache)
+        outcome = policy.decide(facts, values, now=when, cache=cache, revocation=revocation)
         if isinstance(outcome, NeedVars):  # the policy contract says this cannot happen: fail closed
             raise RuntimeError(f"policy asked for variables twice: {outcome.names}")
     deliver = facts.path if policy.engine.delivers_as_judged(facts, values) else None
     return Judgement(facts, outcome, spellings, deliver)
+
+
+@dataclass(frozen=True, slots=True)
+class _Serving:
+    """What requests are judged with, swapped as a whole by a reconfigure's commit (one assignment)."""
+
+    library: PolicyLibrary | None
+    revocation: RevocationTable
+    cache: CertificateCache
 
 
 class MtlsGuard(BasePlugin[CompiledPolicy]):
@@ -149,29 +162,55 @@ class MtlsGuard(BasePlugin[CompiledPolicy]):
     name = "mtls-guard"
 
     def __init__(self) -> None:
-        self.library: PolicyLibrary | None = None
-        self.cache = CertificateCache()
+        self._serving = _Serving(None, NO_REVOCATION, CertificateCache())
         self.decisions = DecisionCounter()
         self.observers: list[Callable[[HTTPRequest, Decision], None]] = []
         """Called after every decision (metrics, the demo); must not raise."""
 
-    def setup(self, options: Mapping[str, Any]) -> None:
-        unknown = sorted(set(options) - _OPTIONS)
-        if unknown:
-            raise ValueError(f"unknown mtls-guard option(s): {', '.join(unknown)}")
-        size = options.get("cert_cache_size", 4096)
-        if not isinstance(size, int) or isinstance(size, bool) or size < 1:
-            raise ValueError("cert_cache_size must be a positive integer")
-        self.cache = CertificateCache(size)
-        policy_file = options.get("policy_file")
-        if policy_file is not None:
-            try:
-                self.library = PolicyLibrary.from_yaml_file(str(policy_file))
-            except PolicyError as exc:
-                raise ValueError(f"policy file {policy_file}: {exc}") from exc
+    @property
+    def library(self) -> PolicyLibrary | None:
+        return self._serving.library
 
-    def metrics(self) -> list[CounterSnapshot]:
-        """Decision counts by bounded labels (runner.metrics.MetricsSource)."""
+    @library.setter
+    def library(self, library: PolicyLibrary | None) -> None:
+        self._serving = _Serving(library, self._serving.revocation, self._serving.cache)
+
+    @property
+    def revocation(self) -> RevocationTable:
+        """The runner's CRLs (crl_files): read by every decision, so a commit reaches compiled policies at once."""
+        return self._serving.revocation
+
+    @revocation.setter
+    def revocation(self, revocation: RevocationTable) -> None:
+        self._serving = _Serving(self._serving.library, revocation, self._serving.cache)
+
+    @property
+    def cache(self) -> CertificateCache:
+        return self._serving.cache
+
+    def setup(self, options: Mapping[str, Any]) -> None:
+        self.reconfigure(options)()
+
+    def reconfigure(self, options: Mapping[str, Any]) -> Callable[[], None]:
+        """Read and validate ``options`` and every file they name (ValueError, nothing changed); the
+        returned commit installs the result in one assignment and cannot fail. Decision counts and
+        observers are kept; so is the certificate cache (parse results only, never revocation) unless
+        its size changes, and then its hit and miss counts carry over."""
+        loaded = load_options(options)
+        fresh = CertificateCache(loaded.cert_cache_size)
+
+        def commit() -> None:
+            cache = self._serving.cache
+            if cache.max_entries != loaded.cert_cache_size:
+                fresh.hits, fresh.misses = cache.hits, cache.misses
+                cache = fresh
+            self._serving = _Serving(loaded.library, loaded.revocation, cache)
+
+        return commit
+
+    def metrics(self) -> list[CounterSnapshot | GaugeSnapshot]:
+        """Decision counts and CRL state by bounded labels (runner.metrics.MetricsSource)."""
+        cache, crls, now = self.cache, self.revocation.crls, datetime.now(UTC)
         return [
             CounterSnapshot(
                 "mtls_guard_decisions",
@@ -183,7 +222,21 @@ class MtlsGuard(BasePlugin[CompiledPolicy]):
                 "mtls_guard_certificate_parses",
                 "Client certificate cache lookups by result",
                 ("result",),
-                {("hit",): self.cache.hits, ("miss",): self.cache.misses},
+                {("hit",): cache.hits, ("miss",): cache.misses},
+            ),
+            GaugeSnapshot(
+                "mtls_guard_crl_next_update_seconds",
+                "Seconds until a CRL's nextUpdate (negative: stale), by issuer CN and CRL file",
+                ("issuer", "crl"),
+                {(i.issuer, i.label): (i.next_update - now).total_seconds() for i in crls if i.next_update},
+                merge="min",
+            ),
+            GaugeSnapshot(
+                "mtls_guard_crl_entries",
+                "Revoked certificates listed by a CRL in use, by issuer CN and CRL file",
+                ("issuer", "crl"),
+                {(i.issuer, i.label): float(i.entries) for i in crls},
+                merge="max",
             ),
         ]
 
@@ -200,7 +253,8 @@ class MtlsGuard(BasePlugin[CompiledPolicy]):
         )
 
     async def on_request(self, conf: CompiledPolicy, request: HTTPRequest) -> Stop | None:
-        judged = await decide_request(conf, request, self.cache)
+        serving = self._serving  # one consistent state for the whole request, even across a reload
+        judged = await decide_request(conf, request, serving.cache, revocation=serving.revocation)
         decision = judged.decision
         request.state["mtls_guard.decision"] = decision
         self.decisions.record(decision)

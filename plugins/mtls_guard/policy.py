@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import Final
 
@@ -22,6 +22,7 @@ from .forwarded import build_xfcc
 from .identity import CertificateCache, ClientCertificate
 from .library import PolicyLibrary
 from .matchers import DomainSet, SanMatcher
+from .revocation import NO_REVOCATION, RevocationTable
 from .schema import (
     HOST_MISMATCH_STATUS,
     ExemptRule,
@@ -143,9 +144,13 @@ class CompiledPolicy:
         *,
         now: datetime,
         cache: CertificateCache,
+        revocation: RevocationTable = NO_REVOCATION,
     ) -> Decision | NeedVars:
-        """Decide for one request; call first with ``vars=None``, then again with the requested vars."""
-        return self.engine.decide(request, vars, now=now, cache=cache)
+        """Decide for one request; call first with ``vars=None``, then again with the requested vars.
+
+        ``revocation`` is the runner's CRL table (the plugin's current one, swapped on reload): passed per
+        call rather than compiled in, so that policies compiled earlier see new CRLs at once."""
+        return self.engine.decide(request, vars, now=now, cache=cache, revocation=revocation)
 
     def reject_response(self, decision: Decision) -> Response:
         """(status, headers, body) for a denied decision; the reason is shown only with expose_reason."""
@@ -246,6 +251,9 @@ def describe_policy(config: PolicyConfig) -> str:
     req = config.require
     if req.ca is not None:
         lines.append(f"  - chaining to the route CA bundle: {_bundle_text(req.ca)}")
+    if req.crl is not None:
+        lines.extend(f"  - not revoked by route CRL {info.describe(datetime.now(UTC))}" for info in req.crl.crls)
+    lines.append("  - not revoked by the runner's CRLs (crl_files), where it has one for the issuer")
     if req.fingerprints is not None:
         lines.append("  - SHA-256 fingerprint one of: " + ", ".join(sorted(req.fingerprints)))
     if req.san is not None:
@@ -308,6 +316,7 @@ def build(config: PolicyConfig) -> CompiledPolicy:
     req = config.require
     checks = IdentityChecks(
         ca=req.ca,
+        crl=req.crl,
         fingerprints=req.fingerprints,
         san=SanMatcher.of(req.san.dns, req.san.uri, req.san.email) if req.san is not None else None,
         subject=req.subject.attributes if req.subject is not None else (),

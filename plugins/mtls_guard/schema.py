@@ -19,6 +19,7 @@ from typing import Final, Literal, TypeAlias, TypeVar
 
 from runner.protocol.codec import fold_header_name
 
+from .crl_files import route_table
 from .forwarded import ForwardedFormat
 from .identity import CertificateError
 from .matchers import (
@@ -33,6 +34,7 @@ from .matchers import (
     parse_host_pattern,
     parse_uri_pattern,
 )
+from .revocation import CrlError, RevocationTable
 from .trust import TrustBundle
 
 __all__ = [
@@ -122,6 +124,7 @@ class Requirements:
     issuer: NameRequirement | None = None
     fingerprints: frozenset[str] | None = None
     ca: TrustBundle | None = None
+    crl: RevocationTable | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -336,8 +339,19 @@ def _name_requirement(value: object, path: str) -> NameRequirement:
     return NameRequirement(tuple(attrs))
 
 
+def _route_crl(value: object, path: str, ca: TrustBundle | None) -> RevocationTable:
+    """require.crl: PEM CRL text (or a list of them), each verified against require.ca right here."""
+    if ca is None:
+        raise PolicyError(path, "needs require.ca: the route's CRLs are verified against that bundle")
+    pem: Callable[[object, str], str] = lambda v, p: _str(v, p, max_len=MAX_PEM, printable=False)  # noqa: E731
+    try:
+        return route_table(pem(value, path) if isinstance(value, str) else _list(value, path, pem), ca.anchors)
+    except CrlError as exc:
+        raise PolicyError(path, f"invalid CRL: {exc}") from None
+
+
 def _require(value: object, path: str) -> Requirements:
-    m = read_object(value, path, frozenset({"san", "subject", "issuer", "fingerprint_sha256", "ca"}))
+    m = read_object(value, path, frozenset({"san", "subject", "issuer", "fingerprint_sha256", "ca", "crl"}))
     san: SanRequirement | None = None
     if "san" in m:
         san_path = join_path(path, "san")
@@ -356,7 +370,8 @@ def _require(value: object, path: str) -> Requirements:
         fingerprints=_opt(
             m, path, "fingerprint_sha256", lambda v, p: frozenset(_list(v, p, _parsed(normalize_fingerprint))), None
         ),
-        ca=_opt(m, path, "ca", _trust_bundle, None),
+        ca=(ca := _opt(m, path, "ca", _trust_bundle, None)),
+        crl=_opt(m, path, "crl", lambda v, p: _route_crl(v, p, ca), None),
     )
 
 

@@ -38,9 +38,9 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
 from cryptography.x509.verification import Criticality, ExtensionPolicy, Policy, PolicyBuilder, Store, VerificationError
 
-from .identity import CertificateError, ClientCertificate, extension_value, load_pem_chain
+from .identity import CertificateError, ClientCertificate, IssuerId, extension_value, issuer_id_of, load_pem_chain
 
-__all__ = ["MAX_INTERMEDIATES", "MAX_SUPPLIED_INTERMEDIATES", "Reason", "TrustBundle", "issued_by"]
+__all__ = ["MAX_INTERMEDIATES", "MAX_SUPPLIED_INTERMEDIATES", "Path", "Reason", "TrustBundle", "issued_by"]
 
 Reason = Literal[
     "untrusted-issuer",
@@ -60,6 +60,9 @@ _SECOND = timedelta(seconds=1)
 _EARLIEST = datetime.min.replace(tzinfo=UTC)
 _LATEST = datetime.max.replace(tzinfo=UTC)
 _Entry = TypeVar("_Entry")
+# A verified path as revocation needs it: (issuer id, serial) of every certificate on it, leaf first,
+# except a self-issued anchor (nothing above it can revoke it).
+Path = tuple[tuple[IssuerId, int], ...]
 
 
 def _until(not_after: datetime) -> datetime:
@@ -295,7 +298,7 @@ class TrustBundle:
             self._by_subject.setdefault(cert.certificate.subject, []).append(cert)
         # Every instant at which some bundle certificate's validity changes: results hold between two.
         self._edges = sorted({t for cert in unique for t in (cert.not_before, _until(cert.not_after))})
-        self._passed: OrderedDict[tuple[str, tuple[str, ...]], tuple[datetime, datetime]] = OrderedDict()
+        self._passed: OrderedDict[tuple[str, tuple[str, ...]], tuple[datetime, datetime, Path]] = OrderedDict()
         self._failed: OrderedDict[tuple[str, tuple[str, ...]], tuple[Reason, datetime, datetime]] = OrderedDict()
 
     @classmethod
@@ -305,26 +308,33 @@ class TrustBundle:
     def verify(
         self, leaf: ClientCertificate, intermediates: Sequence[ClientCertificate] = (), *, now: datetime
     ) -> Reason | None:
-        """None if ``leaf`` chains to an anchor of this bundle at ``now``, else a reason code.
+        """``verify_path`` without the path."""
+        return self.verify_path(leaf, intermediates, now=now)[0]
+
+    def verify_path(
+        self, leaf: ClientCertificate, intermediates: Sequence[ClientCertificate] = (), *, now: datetime
+    ) -> tuple[Reason | None, Path]:
+        """(None, the verified path) if ``leaf`` chains to an anchor of this bundle at ``now``, else a reason code.
 
         The leaf's own validity period is NOT checked here (use ``leaf.validity_at``); the rest of the path
         must be valid at ``now``. ``intermediates`` are untrusted hints used only to build the path. A leaf
-        that is itself a CA, or whose EKU excludes clientAuth, is "not-client-cert".
+        that is itself a CA, or whose EKU excludes clientAuth, is "not-client-cert". The path is remembered
+        with the result, never revocation: callers check it against the current CRLs on every request.
         """
         if now.tzinfo is None:
             raise ValueError("now must be timezone-aware")
         # The verifier refuses these too; checked first so that the code does not depend on its messages.
         if leaf.is_ca or not leaf.client_auth_allowed:
-            return "not-client-cert"
+            return "not-client-cert", ()
         key = (leaf.fingerprint_sha256, tuple(c.fingerprint_sha256 for c in intermediates) if intermediates else ())
         passed = self._passed.get(key)
         if passed is not None and passed[0] <= now < passed[1]:
             self._passed.move_to_end(key)
-            return None
+            return None, passed[2]
         failed = self._failed.get(key)
         if failed is not None and failed[1] <= now < failed[2]:
             self._failed.move_to_end(key)
-            return failed[0]
+            return failed[0], ()
         supplied: dict[str, ClientCertificate] = {}
         for cert in intermediates:
             # Only CAs can issue, and a self-issued certificate is a root: roots come from the bundle (a supplied
@@ -332,20 +342,20 @@ class TrustBundle:
             if cert.is_ca and cert.subject != cert.issuer and cert.fingerprint_sha256 not in self.fingerprints:
                 supplied.setdefault(cert.fingerprint_sha256, cert)
         if len(supplied) > MAX_SUPPLIED_INTERMEDIATES:
-            return "chain-too-long"
-        reason, start, end = self._validate(leaf, list(supplied.values()), now)
+            return "chain-too-long", ()
+        reason, start, end, path = self._validate(leaf, list(supplied.values()), now)
         if reason is None:
-            _remember(self._passed, key, (start, end), CACHE_ENTRIES)
+            _remember(self._passed, key, (start, end, path), CACHE_ENTRIES)
             self._failed.pop(key, None)
         else:
             _remember(self._failed, key, (reason, start, end), FAILURE_CACHE_ENTRIES)
             self._passed.pop(key, None)
-        return reason
+        return reason, path
 
     def _validate(
         self, leaf: ClientCertificate, supplied: list[ClientCertificate], now: datetime
-    ) -> tuple[Reason | None, datetime, datetime]:
-        """The result and a span around ``now`` over which it is certain to be the same."""
+    ) -> tuple[Reason | None, datetime, datetime, Path]:
+        """The result, a span around ``now`` over which it is certain to be the same, and the path."""
         start, end = leaf.not_before, _until(leaf.not_after)
         # The verifier applies one time to every certificate, the leaf included. Outside the leaf's period
         # the path is validated at the nearest instant inside it and the rest of the path again at now.
@@ -359,20 +369,22 @@ class TrustBundle:
             )
         except VerificationError as exc:
             reason = _explain(str(exc))
-            return reason or self._dated(leaf, supplied, at), *self._span(leaf, supplied, now)
+            return reason or self._dated(leaf, supplied, at), *self._span(leaf, supplied, now), ()
         chain = verified.chain[1:]
         valid_from = max(c.not_valid_before_utc for c in chain)
         valid_until = min(_until(c.not_valid_after_utc) for c in chain)
         if now >= valid_until:
-            return "expired-chain", *self._span(leaf, supplied, now)
+            return "expired-chain", *self._span(leaf, supplied, now), ()
         if now < valid_from:
-            return "not-yet-valid-chain", *self._span(leaf, supplied, now)
+            return "not-yet-valid-chain", *self._span(leaf, supplied, now), ()
         if _names_unchecked(leaf, chain):
-            return "name-constraints", *self._span(leaf, supplied, now)
+            return "name-constraints", *self._span(leaf, supplied, now), ()
+        above = ((issuer_id_of(c), c.serial_number) for c in chain if c.subject != c.issuer)
+        path = ((leaf.issuer_id, leaf.serial), *above)
         if inside:
             # Signatures and constraints do not change with time: this path stays good while it is in date.
-            return None, max(valid_from, start), min(valid_until, end)
-        return None, *self._span(leaf, supplied, now)
+            return None, max(valid_from, start), min(valid_until, end), path
+        return None, *self._span(leaf, supplied, now), path
 
     def _span(
         self, leaf: ClientCertificate, supplied: list[ClientCertificate], now: datetime

@@ -62,12 +62,15 @@ def require_nginx() -> NginxEnv:
 
 
 @contextlib.contextmanager
-def running_stack(env: NginxEnv, pki: Pki, workdir: Path, routes: Sequence[Route]) -> Iterator[Stack]:
-    """Start runner, bridge and nginx (in that order) and stop all of them, whatever happens."""
+def running_stack(
+    env: NginxEnv, pki: Pki, workdir: Path, routes: Sequence[Route], runner_args: Sequence[str] = ()
+) -> Iterator[Stack]:
+    """Start runner, bridge and nginx (in that order) and stop all of them, whatever happens.
+    ``runner_args`` go to ``mtls-guard run`` (e.g. ``--config``)."""
     sock_dir = tempfile.mkdtemp(prefix="mg-e2e-", dir="/tmp")  # AF_UNIX: 108 bytes at most
     try:
         with contextlib.ExitStack() as stack:
-            runner = RunnerProcess(os.path.join(sock_dir, "runner.sock"), workdir / "runner.log")
+            runner = RunnerProcess(os.path.join(sock_dir, "runner.sock"), workdir / "runner.log", *runner_args)
             stack.enter_context(runner)
             bridge = stack.enter_context(Bridge(runner.socket_path, routes))
             (workdir / "nginx").mkdir(exist_ok=True)
