@@ -79,7 +79,7 @@ def main() -> int:
     none = {**base, "ssl_client_verify": "NONE"}
 
     exempt_req = RequestInput("GET", "/svc38/docs/getting-started/intro")
-    protected_req = RequestInput("POST", "/svc7/orders/12345/items")
+    protected_req = RequestInput("POST", "/svc7/orders/12345/items", host="api.example.com")  # = SNI
     long_req = RequestInput("GET", "/" + "a" * 8190 + "!")
     pathological = compile_policy(
         json.dumps({"exempt": [*fifty_rules()[:47], {"path": "(a+)+$"}, {"path": "/(.*a){20}"}]})
