@@ -160,7 +160,7 @@ class Clients:
             (name.strip().lower(), value.strip()) for name, sep, value in (ln.partition(":") for ln in lines[1:]) if sep
         )
         reply = Reply(int(lines[0].split(" ")[1]), dict(pairs), body, "ssl", pairs)
-        return reply, next_session, reused
+        return reply, next_session, bool(reused)
 
     def raw(
         self,

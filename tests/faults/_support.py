@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import functools
 import gc
 import json
 import logging
@@ -33,7 +34,7 @@ import pytest
 from plugins.mtls_guard.plugin import MtlsGuard
 from runner import PluginRegistry
 from runner.protocol import codec
-from runner.protocol.messages import ErrCode, Frame, ReqBodyQuery, Rewrite, RPCType, Stop, VarQuery
+from runner.protocol.messages import ConfEntry, ErrCode, Frame, ReqBodyQuery, Rewrite, RPCType, Stop, VarQuery
 from runner.server import RunnerServer
 from runner.settings import Settings
 from runner.testing import ApisixOutcome, FakeApisix, conf, http_req_call_frame, prepare_conf_frame
@@ -135,7 +136,9 @@ LOST = ApisixOutcome("error")
 """The runner connection broke mid-exchange: APISIX answers the client 503."""
 
 
-async def request(apisix: FakeApisix, probe: Probe, entries: tuple = GUARD, key: str = GUARD_KEY) -> ApisixOutcome:
+async def request(
+    apisix: FakeApisix, probe: Probe, entries: tuple[ConfEntry, ...] = GUARD, key: str = GUARD_KEY
+) -> ApisixOutcome:
     """FakeApisix.request, with a broken connection turned into the 503 APISIX would give."""
     try:
         return await apisix.request(entries, key=key, path=probe.path, headers=HOST_HEADER, vars=probe.vars)
@@ -195,7 +198,7 @@ class RawConn:
                 frames.append(frame)
         return frames
 
-    async def prepare(self, entries: tuple = GUARD, key: str = GUARD_KEY) -> int:
+    async def prepare(self, entries: tuple[ConfEntry, ...] = GUARD, key: str = GUARD_KEY) -> int:
         await self.send(prepare_conf_frame(entries, key))
         reply = await self.frame()
         assert reply is not None
@@ -239,11 +242,15 @@ async def open_many(server: RunnerServer, count: int, batch: int = 50) -> list[R
             size = min(batch, count - len(conns))
             target = len(server.connections) + size
             conns += await asyncio.gather(*(RawConn.open(server.settings.listen) for _ in range(size)))
-            await until(lambda target=target: len(server.connections) >= target, what="accepts")
+            await until(functools.partial(_at_least, server, target), what="accepts")
     except BaseException:
         close_all(conns)
         raise
     return conns
+
+
+def _at_least(server: RunnerServer, target: int) -> bool:
+    return len(server.connections) >= target
 
 
 def close_all(conns: list[RawConn]) -> None:
@@ -251,7 +258,7 @@ def close_all(conns: list[RawConn]) -> None:
         conn.close()
 
 
-async def prepared(server: RunnerServer, entries: tuple = GUARD, key: str = GUARD_KEY) -> int:
+async def prepared(server: RunnerServer, entries: tuple[ConfEntry, ...] = GUARD, key: str = GUARD_KEY) -> int:
     """A conf token prepared on a connection of its own, closed (and noticed by the server) afterwards."""
     count = len(server.connections)
     conn = await RawConn.open(server.settings.listen)

@@ -23,8 +23,12 @@ FACTORY = CertFactory()
 ROOT = FACTORY.ca("Delivery Root")
 LEAF = FACTORY.leaf(ROOT, cn="client")
 HOST = "api.example.com"
-TLS_OK = {"ssl_client_verify": "SUCCESS", "ssl_client_escaped_cert": escaped(LEAF.pem), "ssl_server_name": HOST}
-NO_CERT = {"ssl_client_verify": "NONE", "ssl_server_name": HOST}
+TLS_OK: dict[str, str | None] = {
+    "ssl_client_verify": "SUCCESS",
+    "ssl_client_escaped_cert": escaped(LEAF.pem),
+    "ssl_server_name": HOST,
+}
+NO_CERT: dict[str, str | None] = {"ssl_client_verify": "NONE", "ssl_server_name": HOST}
 FORWARD = {"forward": {"subject": "x-client-subject", "fingerprint": "x-client-fp"}}
 EXEMPT = {
     "exempt": [

@@ -595,7 +595,8 @@ class TestDemoExpectations:
         argv += ["--verify", check.verify] if check.verify else []
         result = subprocess.run(argv, capture_output=True, text=True, check=False, cwd=ROOT)
         assert result.returncode in (0, 1), result.stderr
-        return json.loads(result.stdout)
+        outcome: dict[str, Any] = json.loads(result.stdout)
+        return outcome
 
     def test_script_lists_the_same_checks(self) -> None:
         """Every check here appears in admin-api.sh with the same expected status, in order, and no other."""

@@ -146,6 +146,7 @@ class TestRoutes:
         assert a.value["methods"] == ["GET"]
         assert "ext-plugin-pre-req" in a.value["plugins"]
         text = path.read_text(encoding="utf-8").splitlines()
+        assert a.line is not None
         assert text[a.line - 1].lstrip().startswith("- name: a")
         assert b.value["uris"] == ["/b"]
 

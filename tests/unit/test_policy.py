@@ -7,9 +7,12 @@ import dataclasses
 import json
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import pytest
+
+if TYPE_CHECKING:
+    import re2
 
 from plugins.mtls_guard.forwarded import build_xfcc
 from plugins.mtls_guard.identity import CertificateCache, load_pem
@@ -451,7 +454,13 @@ CASES = [
     ),
     # -- header mode -------------------------------------------------------------------------------
     *(
-        case(f"header-mode-{label}", {"source": {**HEADER_SOURCE, "ca": ROOT.pem}, **extra}, v, expect, headers=h)
+        case(
+            f"header-mode-{label}",
+            {"source": {**HEADER_SOURCE, "ca": ROOT.pem}, **extra},
+            cast("dict[str, str | None]", v),
+            expect,
+            headers=h,
+        )
         for label, extra, v, h, expect in [
             ("trusted-peer", {}, peer(), xfcc(BILLING), OK),
             ("trusted-ipv6-peer", {}, peer("2001:db8::7"), xfcc(BILLING), OK),
@@ -709,7 +718,7 @@ class TestExemptMatcherFailsClosed:
     def test_set_false_positive_never_exempts(self) -> None:
         """A Set hit is confirmed with the rule's own regex, so a wrong Set result cannot exempt."""
         policy = compiled({"exempt": [{"id": "a", "path": "/a"}, {"id": "b", "path": "/b/.*"}]})
-        broken = dataclasses.replace(policy.engine.exempt, path_set=_AlwaysMatchingSet(2))
+        broken = dataclasses.replace(policy.engine.exempt, path_set=cast("re2.Set", _AlwaysMatchingSet(2)))
         assert broken.candidates("GET", b"/admin") == ()
         assert [rule.id for rule in broken.candidates("GET", b"/b/x")] == ["b"]
 

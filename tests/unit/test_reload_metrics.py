@@ -22,7 +22,7 @@ prometheus_client = pytest.importorskip("prometheus_client")
 
 
 def _exposition(view: MetricsView) -> str:
-    return prometheus_client.generate_latest(build_registry(lambda: view)).decode()
+    return str(prometheus_client.generate_latest(build_registry(lambda: view)).decode())
 
 
 class Both:

@@ -123,7 +123,7 @@ class Cluster:
                 end.close()
 
 
-def _run(cluster: Cluster, change: Callable[[], None]) -> bool:
+def _run(cluster: Cluster, change: Callable[[], object]) -> bool:
     async def scenario() -> bool:
         cluster.start()
         try:

@@ -54,8 +54,9 @@ class TestSharedConfs:
         token = table.allocate(_entries("x"), "route#1", 60)
         clock.now += 30
         assert table.allocate(_entries("x"), "route#1", 60) == token
-        assert table.fetch(token) is not None
-        assert table.fetch(token)[2] == clock.now + 60
+        fetched = table.fetch(token)
+        assert fetched is not None
+        assert fetched[2] == clock.now + 60
         assert table.allocate(_entries("other"), "route#1", 60) != token
 
     def test_expired_tokens_are_gone(self, db: str) -> None:

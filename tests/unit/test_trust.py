@@ -83,7 +83,7 @@ def custom(
     signer: Issued | None,
     key: Any = None,
     extensions: Sequence[tuple[x509.ExtensionType, bool]] = (),
-    algorithm: hashes.HashAlgorithm | None = hashes.SHA256(),  # noqa: B008 - immutable
+    algorithm: hashes.SHA224 | hashes.SHA256 | hashes.SHA384 | None = hashes.SHA256(),  # noqa: B008 - immutable
     not_before: datetime | None = None,
     not_after: datetime | None = None,
 ) -> Issued:
