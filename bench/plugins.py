@@ -22,6 +22,7 @@ class BenchVars(BasePlugin[Trips]):
     """
 
     name = "bench-vars"
+    needs_task = False  # awaits only the runner's ExtraInfo: the fast path (README "Writing other plugins")
 
     def parse_conf(self, value: str) -> Trips:
         trips = tuple(tuple(n.strip() for n in trip.split(",") if n.strip()) for trip in value.split("|"))

@@ -1,12 +1,17 @@
-"""Runs a plugin filter coroutine without creating an asyncio Task per request.
+"""Runs a plugin filter coroutine without an asyncio Task: the fast path of plugins that declare it.
 
 Most filters either finish at once or wait only for ExtraInfo answers from APISIX, which arrive on
-the same connection and are handed over by the session. Driving the coroutine by hand for those
-saves the Task machinery (about 6 µs and an event-loop turn per request, see bench/). Any other
-awaitable a filter may use — an asyncio future, ``asyncio.sleep``, a lock — is still honoured: the
-driver resumes the coroutine from the future's done-callback, the way a Task would. What filters
-cannot rely on is ``asyncio.current_task()``; code that needs it must run in its own task
-(``await asyncio.ensure_future(...)``).
+the same connection and are handed over by the session. Driving such a coroutine by hand saves the
+Task machinery (its creation and an event-loop turn per start and per ExtraInfo answer, see
+bench/session_bench.py). The price is that nothing in the filter runs inside a Task, so ordinary
+asyncio (``asyncio.timeout``, ``current_task()``, anyio/httpx) cannot work there; the session uses
+this driver only for plugins that declare ``needs_task = False`` (runner.plugin.Plugin).
+
+Without a ``schedule`` callback (the session's fast path) the driver is strict: anything awaited
+but the runner's own :class:`Pending` fails the call at once with :class:`TaskRequired`, because a
+half-working asyncio (``sleep`` works, ``timeout`` does not) is a trap. With one (a sans-IO session
+that has no event loop to create Tasks on: tests, the fuzz harness) a bare yield is resumed through
+``schedule`` and an asyncio future from its done-callback, the way a Task would.
 """
 
 from __future__ import annotations
@@ -15,9 +20,13 @@ import contextlib
 from collections.abc import Callable, Coroutine, Generator
 from typing import Any, Generic, TypeVar
 
-__all__ = ["CoroutineDriver", "Pending"]
+__all__ = ["CoroutineDriver", "Pending", "TaskRequired"]
 
 T = TypeVar("T")
+
+
+class TaskRequired(RuntimeError):
+    """A filter driven without a Task awaited something only an asyncio Task can wait for."""
 
 
 class Pending(Generic[T]):
@@ -51,7 +60,11 @@ class Pending(Generic[T]):
 
 
 class CoroutineDriver:
-    """Steps one coroutine; reports its outcome once through ``on_done(result, error)``."""
+    """Steps one coroutine; reports its outcome once through ``on_done(result, error)``.
+
+    ``schedule`` (e.g. ``loop.call_soon``) lets the coroutine await bare yields and asyncio futures;
+    without it only :class:`Pending` may be awaited (see the module docstring).
+    """
 
     __slots__ = ("_coro", "_foreign", "_on_done", "_schedule", "finished", "waiting_on")
 
@@ -59,12 +72,12 @@ class CoroutineDriver:
         self,
         coro: Coroutine[Any, Any, Any],
         on_done: Callable[[Any, BaseException | None], None],
-        schedule: Callable[[Callable[[], None]], object],
+        schedule: Callable[[Callable[[], None]], object] | None = None,
     ) -> None:
         self._on_done = on_done
         self._start(coro, schedule)
 
-    def _start(self, coro: Coroutine[Any, Any, Any], schedule: Callable[[Callable[[], None]], object]) -> None:
+    def _start(self, coro: Coroutine[Any, Any, Any], schedule: Callable[[Callable[[], None]], object] | None) -> None:
         """Set up everything but ``on_done``: for subclasses that override :meth:`_finish` instead
         (the session's call object reports to the session directly, with no callback object)."""
         self._coro = coro
@@ -89,6 +102,8 @@ class CoroutineDriver:
             return
         if isinstance(yielded, Pending):
             self.waiting_on = yielded  # the session calls step() when APISIX has answered
+        elif self._schedule is None:
+            self._refuse(yielded)
         elif yielded is None:
             # A bare yield (asyncio.sleep(0)): give the loop a turn, then continue.
             self._schedule(self.step)
@@ -99,6 +114,29 @@ class CoroutineDriver:
             yielded.add_done_callback(self._wake)
         else:
             self._schedule(lambda: self.step(RuntimeError(f"filter awaited unsupported object {yielded!r}")))
+
+    def _refuse(self, yielded: Any) -> None:
+        """Fail the call for awaiting something only a Task can wait for. The coroutine is closed
+        rather than sent the error: a broad ``except`` in the filter must not turn a contract
+        violation into a reply (close() still runs its finally blocks). An awaited future is
+        cancelled as a cancelled Task would cancel it, so that what it stands for (a gather's
+        children, a spawned Task) does not run on unobserved."""
+        what = "a bare yield (asyncio.sleep(0))" if yielded is None else repr(yielded)
+        self.finished = True
+        with contextlib.suppress(BaseException):
+            self._coro.close()
+        if getattr(yielded, "_asyncio_future_blocking", None) is not None:
+            yielded.cancel()
+            # Its outcome has no reader now; without one asyncio logs "exception was never retrieved"
+            # (a cancelled gather ends with an exception, not cancelled).
+            yielded.add_done_callback(_consume)
+        self._finish(
+            None,
+            TaskRequired(
+                f"awaited {what} outside an asyncio Task: a plugin with needs_task = False may await only "
+                "the runner's ExtraInfo (var, vars, body); remove the declaration to run it in a Task"
+            ),
+        )
 
     def cancel(self) -> None:
         """Abandon the coroutine (timeout or lost connection) without reporting an outcome."""
@@ -120,3 +158,8 @@ class CoroutineDriver:
         """Report the outcome once (subclasses may override this instead of passing ``on_done``)."""
         self.finished = True
         self._on_done(result, error)
+
+
+def _consume(future: Any) -> None:
+    if not future.cancelled():
+        future.exception()

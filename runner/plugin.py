@@ -7,6 +7,9 @@ config (APISIX answers 503 for that route); raising in a filter fails the call c
 
 Options come once through ``setup``; a plugin that also defines ``reconfigure`` (see Reconfigurable)
 takes new options on a live reload without a restart.
+
+Each call runs in an asyncio Task of its own, so filters can use ordinary asyncio; a plugin whose
+filters await nothing but ExtraInfo may declare ``needs_task = False`` to skip the Task (see Plugin).
 """
 
 from __future__ import annotations
@@ -50,7 +53,22 @@ class ExtraInfoChannel(Protocol):
 @runtime_checkable
 class Plugin(Protocol[ConfT]):
     """What the runner needs from a plugin. See BasePlugin for defaults, and Reconfigurable for the
-    optional ``reconfigure`` that lets a live reload (SIGHUP) give it new options."""
+    optional ``reconfigure`` that lets a live reload (SIGHUP) give it new options.
+
+    Optional class attribute ``needs_task`` (absent means True). By default each call runs in an
+    ``asyncio.Task`` of its own, created with the loop's task factory, so filters may use ordinary
+    asyncio: ``asyncio.timeout``, ``gather``, ``sleep``, ``current_task()``, any future, anyio-based
+    libraries such as httpx. A plugin whose filters await only the runner's ExtraInfo (``var``,
+    ``vars``, ``body`` of the request or response) may set ``needs_task = False``: its calls are then
+    driven without a Task, which saves the Task's creation and a loop turn to start and per ExtraInfo
+    answer (README "Writing other plugins" has the figures). Such a filter awaiting anything else fails
+    its call closed (503, ``TaskRequired`` in the log) instead of half working, since
+    ``asyncio.timeout`` and anyio cannot work outside a Task. A chain runs without a Task only when
+    every plugin in it declares so. Either way a call is cut off after ``call_timeout`` and when
+    APISIX closes the connection: in a Task the filter sees ``CancelledError`` at its next await
+    (one that swallows it runs on, unanswered), driven directly it is closed (``GeneratorExit``);
+    its finally blocks run in both cases.
+    """
 
     name: str
 
@@ -100,6 +118,8 @@ class BasePlugin(Generic[ConfT]):
     a subclass that does not define one needs a restart to take new options (see Reconfigurable)."""
 
     name = ""
+    needs_task: bool = True
+    """False: the filters await only ExtraInfo and run without an asyncio Task (see Plugin)."""
 
     def setup(self, options: Mapping[str, Any]) -> None:
         return None

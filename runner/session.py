@@ -7,22 +7,27 @@ multiplex); while a plugin waits for ExtraInfo answers the only frames allowed a
 Failure policy (fail closed): every failed call is answered with an Err frame carrying the mapped
 code, never with an action-less reply. Framing errors (oversized or zero-length frames) and frames
 that break the conversation close this connection only.
+
+A call runs in an asyncio Task, or is driven directly when its plugins declare they need no Task
+(runner.call). A call in a Task starts and resumes on later loop turns: frames other than ExtraInfo
+answers that arrive meanwhile wait until it ends, so that a peer sees the same conversation either way.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from types import CoroutineType
 from typing import Any, TypeAlias
 
-from .confcache import Chain, ConfStore
-from .driver import CoroutineDriver, Pending
+from .call import Call, View
+from .confcache import ConfStore
+from .driver import Pending
 from .errors import PluginFailure, ProtocolViolation, RunnerError, error_code_for
-from .plugin import HTTPRequest, HTTPResponse
 from .protocol import codec
 from .protocol.messages import (
     MAX_PAYLOAD,
@@ -49,7 +54,10 @@ _HTTP_REQ_CALL = int(RPCType.HTTP_REQ_CALL)
 _EXTRA_INFO = int(RPCType.EXTRA_INFO)
 _HTTP_RESP_CALL = int(RPCType.HTTP_RESP_CALL)
 
-_View: TypeAlias = codec.HTTPReqCall | codec.HTTPRespCall
+_Results: TypeAlias = list[bytes | None]
+# What a plugin awaits for one ExtraInfo batch: the runner's Pending on the fast path, a real future in
+# a Task (so that Tasks the plugin spawns, asyncio.gather among them, can await it as well).
+_Waiter: TypeAlias = Pending[_Results] | asyncio.Future[_Results]
 
 
 @dataclass(slots=True)
@@ -62,59 +70,6 @@ class SessionConfig:
     observers: tuple[RPCObserver, ...] = field(default=())
 
 
-class _Call(CoroutineDriver):
-    """A plugin chain in progress on this connection, and the driver of its coroutine.
-
-    One object per call that reports its outcome to the session itself (``_finish``) rather than
-    through an ``on_done`` closure: fewer allocations per request, and no reference cycle, so a
-    finished call is freed at once instead of waiting for the cyclic garbage collector.
-    """
-
-    __slots__ = ("_view", "id", "plugin", "request", "rpc_type", "session", "started")
-
-    def __init__(self, session: Session, rpc_type: int, view: _View, started: float) -> None:
-        self.session = session
-        self.rpc_type = rpc_type
-        self.id = view.id
-        self.started = started
-        self.plugin = ""
-        self.request: HTTPRequest | None = None
-        self._view = view
-
-    def run(self, chain: Chain) -> None:
-        """Start the chain (once this is the session's current call): run it to its first wait or end."""
-        view = self._view
-        coro: Coroutine[Any, Any, Any]
-        if isinstance(view, codec.HTTPReqCall):
-            self.request = HTTPRequest(view, self.session)
-            coro = self._request_coroutine(chain, self.request)
-        else:
-            coro = _run_response_chain(chain, HTTPResponse(view, self.session), self)
-        self._start(coro, self.session._schedule)
-        self.step()
-
-    def _request_coroutine(self, chain: Chain, request: HTTPRequest) -> Coroutine[Any, Any, Any]:
-        """The coroutine running ``chain`` on ``request``: it returns the first Stop, or None."""
-        if len(chain) != 1:
-            return _run_request_chain(chain, request, self)
-        # One plugin, the usual route: its own coroutine is driven directly, without the chain loop
-        # around it (one coroutine frame less on every resume). Session._finish checks its result
-        # as the loop does; whatever the loop would have turned into an Err reply still is one.
-        link = chain[0]
-        self.plugin = link.name
-        try:
-            awaitable = link.plugin.on_request(link.conf, request)
-        except BaseException as exc:  # noqa: BLE001 - inside the loop this was a plugin failure too
-            return _raise(exc)
-        if type(awaitable) is CoroutineType:
-            return awaitable
-        return _await(awaitable)  # not a coroutine (or not awaitable): fails or works as in the loop
-
-    def _finish(self, result: Any, error: BaseException | None) -> None:
-        self.finished = True
-        self.session._finish(self, result, error)
-
-
 class Session:
     __slots__ = (
         "_call",
@@ -122,8 +77,10 @@ class Session:
         "_config",
         "_decoder",
         "_discard",
+        "_held",
         "_outstanding",
         "_schedule",
+        "_waiting",
         "_write",
         "closed",
         "last_activity",
@@ -141,11 +98,14 @@ class Session:
         self._close = close
         self._schedule = schedule
         self._decoder = codec.FrameDecoder(config.max_payload)
-        self._call: _Call | None = None
+        self._call: Call | None = None
         # ExtraInfo batches sent and not yet fully answered, oldest first: (pending, results, size)
-        self._outstanding: deque[tuple[Pending[list[bytes | None]], list[bytes | None], int]] = deque()
+        self._outstanding: deque[tuple[_Waiter, _Results, int]] = deque()
         # ExtraInfo answers still to come for a call that was cut off; they are dropped.
         self._discard = 0
+        # Frames that arrived while a call in a Task had not yet reached a wait for ExtraInfo (_hold).
+        self._waiting: list[tuple[int, bytes]] | None = None
+        self._held = 0  # bytes received since frames began to wait
         self.closed = False
         self.last_activity = time.monotonic()
 
@@ -162,21 +122,85 @@ class Session:
         if self.closed:
             return
         self.last_activity = time.monotonic()
+        if self._waiting is not None:
+            self._wait_more(self._waiting, data)
+            return
         decoder = self._decoder
         try:
-            for rpc_type, payload in decoder.frames(data):
+            frames = decoder.frames(data)
+            # The loop of _handle(), inline: one call less per read on the hot path.
+            for rpc_type, payload in frames:
                 if rpc_type == _EXTRA_INFO:  # the most frequent frame: no dispatch call for it
                     self._on_extra_info(payload)
+                elif (call := self._call) is not None and call.task is not None and not self._outstanding:
+                    self._hold(frames, payload)
+                    return
+                else:
+                    self._on_frame(rpc_type, payload)
+                if self.closed:
+                    return
+            if decoder.error is not None:  # a bad header after the frames just handled (see frames())
+                self._bad_header(decoder.error)
+        except codec.DecodeError as exc:
+            self._abort(f"malformed frame: {exc}")
+        except ProtocolViolation as exc:
+            self._abort(str(exc))
+
+    def _handle(self, frames: list[tuple[int, bytes]]) -> None:
+        """Handle frames that waited (see _hold) as data_received handles those it decodes."""
+        decoder = self._decoder
+        try:
+            for rpc_type, payload in frames:
+                if rpc_type == _EXTRA_INFO:
+                    self._on_extra_info(payload)
+                elif (call := self._call) is not None and call.task is not None and not self._outstanding:
+                    self._hold(frames, payload)
+                    return
                 else:
                     self._on_frame(rpc_type, payload)
                 if self.closed:
                     return
             if decoder.error is not None:
-                raise decoder.error  # a bad header after the frames just handled (see frames())
+                self._bad_header(decoder.error)
         except codec.DecodeError as exc:
             self._abort(f"malformed frame: {exc}")
         except ProtocolViolation as exc:
             self._abort(str(exc))
+
+    def _hold(self, frames: list[tuple[int, bytes]], payload: bytes) -> None:
+        """Keep the frame carrying ``payload`` and those after it until the call in a Task ends.
+
+        That call has not yet had the loop turn that starts or resumes it; driven directly it would
+        have ended by now, or be waiting for ExtraInfo answers (see query() for that case). So the
+        peer sees the same conversation either way."""
+        start = next(i for i, (_, p) in enumerate(frames) if p is payload)  # by identity: equal frames repeat
+        self._waiting = frames[start:]
+        self._held = 0
+
+    def _bad_header(self, error: codec.DecodeError) -> None:
+        if (call := self._call) is not None and call.task is not None and not self._outstanding:
+            self._waiting = []  # as in _hold: the call ends first, then call_ended() raises it
+            self._held = 0
+            return
+        raise error
+
+    def _wait_more(self, waiting: list[tuple[int, bytes]], data: bytes) -> None:
+        if self._decoder.error is not None:
+            return  # nothing after a bad header counts; it is raised once the frames before it are handled
+        self._held += len(data)
+        if self._held > self._config.max_payload:
+            # APISIX never sends ahead (one exchange at a time): bound what a peer can make us keep.
+            self._abort(f"more than {self._config.max_payload} bytes sent ahead while a call runs")
+            return
+        with contextlib.suppress(codec.DecodeError):  # see above: _handle raises it in turn
+            waiting += self._decoder.frames(data)
+
+    def call_ended(self) -> None:
+        """CallOwner: a call in a Task was answered, failed or cut off; handle the frames that waited."""
+        waiting = self._waiting
+        if waiting is not None and self._call is None and not self.closed:
+            self._waiting = None
+            self._handle(waiting)
 
     def connection_lost(self) -> None:
         """The peer went away: abandon a running call; nothing can be answered any more."""
@@ -185,6 +209,7 @@ class Session:
         if call is not None:
             call.cancel()
         self._outstanding.clear()
+        self._waiting = None
 
     def enforce_deadline(self, now: float) -> None:
         """Cut off a call that has run longer than the call timeout (well before APISIX's 60 s)."""
@@ -196,6 +221,7 @@ class Session:
         self._outstanding.clear()
         what = f"plugin {call.plugin!r}" if call.plugin else "call"
         self._fail(call, PluginFailure(f"{what} did not finish within {self._config.call_timeout:g}s"))
+        self.call_ended()
 
     # -- frames ---------------------------------------------------------------------------------
     def _on_frame(self, rpc_type: int, payload: bytes) -> None:
@@ -230,7 +256,7 @@ class Session:
         started = time.perf_counter()
         call_id = 0
         try:
-            view: _View = codec.HTTPReqCall(payload) if rpc_type == _HTTP_REQ_CALL else codec.HTTPRespCall(payload)
+            view: View = codec.HTTPReqCall(payload) if rpc_type == _HTTP_REQ_CALL else codec.HTTPRespCall(payload)
             call_id = view.id
             chain = self._config.store.lookup(view.conf_token)
         except (RunnerError, codec.DecodeError) as exc:
@@ -242,10 +268,11 @@ class Session:
             self._write(_empty_reply(rpc_type, call_id))
             self._observe(rpc_type, "ok", started)
             return
-        call = self._call = _Call(self, rpc_type, view, started)
-        call.run(chain)
+        call = self._call = Call(self, rpc_type, view, started)
+        call.run(chain, self._schedule)
 
-    def _finish(self, call: _Call, result: Any, error: BaseException | None) -> None:
+    def call_done(self, call: Call, result: Any, error: BaseException | None) -> None:
+        """CallOwner: a call reports its outcome (also one cut off meanwhile, which is ignored)."""
         if self._call is not call or self.closed:
             return  # cut off or disconnected meanwhile: the outcome no longer matters
         if error is not None:
@@ -273,7 +300,7 @@ class Session:
         if self._config.observers:
             self._observe(call.rpc_type, "ok", call.started)
 
-    def _fail(self, call: _Call, error: BaseException) -> None:
+    def _fail(self, call: Call, error: BaseException) -> None:
         self._call = None
         if isinstance(error, RunnerError):
             message = str(error)
@@ -283,21 +310,36 @@ class Session:
         self._reply_error(call.rpc_type, error_code_for(error), f"call {call.id}: {message}", call.started)
 
     # -- ExtraInfo --------------------------------------------------------------------------------
-    def query(self, queries: Sequence[ExtraInfoQuery]) -> Pending[list[bytes | None]]:
+    def query(self, queries: Sequence[ExtraInfoQuery]) -> _Waiter:
         """ExtraInfoChannel: send the queries at once (pipelined) and await all answers."""
-        pending: Pending[list[bytes | None]] = Pending()
-        if self.closed or self._call is None:
-            pending.set_error(PluginFailure("ExtraInfo requested outside a running call"))
-            return pending
+        call = self._call
+        if self.closed or call is None:
+            failed: Pending[_Results] = Pending()
+            failed.set_error(PluginFailure("ExtraInfo requested outside a running call"))
+            return failed
         if not queries:
-            pending.set_result([])
-            return pending
+            empty: Pending[_Results] = Pending()
+            empty.set_result([])
+            return empty
+        if (waiting := self._waiting) is not None:
+            # The peer sent its next RPC (or a bad header) before this call, in a Task, asked anything.
+            # Driven directly the call would have asked first and then met it: the same end, seen
+            # late (and the answers the call needs would queue behind it).
+            self._abort(
+                f"got RPC type {waiting[0][0]} while waiting for ExtraInfo answers"
+                if waiting
+                else f"malformed frame: {self._decoder.error}"
+            )
+            failed = Pending()
+            failed.set_error(PluginFailure("connection closed: the peer broke the conversation"))
+            return failed
         if len(queries) == 1:
             self._write(codec.extra_info_query_frame(queries[0]))
         else:
             self._write(b"".join([codec.extra_info_query_frame(q) for q in queries]))
-        self._outstanding.append((pending, [], len(queries)))
-        return pending
+        waiter: _Waiter = Pending() if call.task is None else call.task.get_loop().create_future()
+        self._outstanding.append((waiter, [], len(queries)))
+        return waiter
 
     def _on_extra_info(self, payload: bytes) -> None:
         if self._discard:
@@ -305,7 +347,7 @@ class Session:
             return
         if not self._outstanding:
             raise ProtocolViolation("unexpected ExtraInfo answer: nothing was asked")
-        pending, results, size = self._outstanding[0]
+        waiter, results, size = self._outstanding[0]
         try:
             results.append(codec.decode_extra_info_result(payload))
         except codec.DecodeError as exc:
@@ -313,10 +355,13 @@ class Session:
         if len(results) < size:
             return
         self._outstanding.popleft()
-        pending.set_result(results)
         call = self._call
-        if call is not None and call.waiting_on is pending:
+        if call is not None and call.waiting_on is waiter:  # a call driven directly waits for this Pending
+            waiter.set_result(results)
             call.step()
+        elif isinstance(waiter, Pending) or not waiter.done():
+            # A future is done when the filter stopped waiting (its own timeout cancelled it).
+            waiter.set_result(results)
 
     # -- output -----------------------------------------------------------------------------------
     def _reply_error(
@@ -344,36 +389,6 @@ class Session:
 
 def _rpc_name(rpc_type: int) -> str:
     return _RPC_NAMES.get(rpc_type, "unknown")
-
-
-async def _run_request_chain(chain: Chain, request: HTTPRequest, call: _Call) -> Stop | None:
-    """Run the plugins in order; the first Stop ends the chain (Session._finish builds the reply)."""
-    for link in chain:
-        call.plugin = link.name
-        stop = await link.plugin.on_request(link.conf, request)
-        if stop is not None:
-            if not isinstance(stop, Stop):
-                raise PluginFailure(f"plugin {link.name!r} returned {type(stop).__name__}, not Stop or None")
-            return stop
-    call.plugin = ""
-    return None
-
-
-async def _raise(error: BaseException) -> None:
-    raise error
-
-
-async def _await(awaitable: Any) -> Any:
-    return await awaitable
-
-
-async def _run_response_chain(chain: Chain, response: HTTPResponse, call: _Call) -> HTTPRespCallReply:
-    for link in chain:
-        call.plugin = link.name
-        await link.plugin.on_response(link.conf, response)
-    call.plugin = ""
-    status, headers, body = response.changes()
-    return HTTPRespCallReply(response.id, status, headers, body)
 
 
 def _request_reply_frame(call_id: int, action: Stop | Rewrite | None) -> bytes:

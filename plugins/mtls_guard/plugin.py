@@ -160,6 +160,8 @@ class MtlsGuard(BasePlugin[CompiledPolicy]):
     """``{"name": "mtls-guard", "value": "<JSON policy>"}`` in ext-plugin-pre-req."""
 
     name = "mtls-guard"
+    # Its filters await only request.vars (ExtraInfo): no asyncio Task per call (runner.plugin.Plugin).
+    needs_task = False
 
     def __init__(self) -> None:
         self._serving = _Serving(None, NO_REVOCATION, CertificateCache())

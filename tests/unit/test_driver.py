@@ -1,14 +1,21 @@
-"""CoroutineDriver and Pending: plugin coroutines driven by hand, without an asyncio Task."""
+"""CoroutineDriver and Pending: plugin coroutines driven by hand, without an asyncio Task.
+
+Without a schedule callback the driver is strict (the session's fast path for plugins declaring
+``needs_task = False``); with one it also resumes bare yields and asyncio futures (a sans-IO session
+that has no event loop).
+"""
 
 from __future__ import annotations
 
 import asyncio
+import gc
+import logging
 from collections.abc import Callable, Generator
 from typing import Any
 
 import pytest
 
-from runner.driver import CoroutineDriver, Pending
+from runner.driver import CoroutineDriver, Pending, TaskRequired
 
 
 class Outcome:
@@ -192,6 +199,118 @@ class TestPending:
 
         assert isinstance(outcome.error, RuntimeError)
         assert "unsupported" in str(outcome.error)
+
+
+class TestStrict:
+    """No schedule: only Pending may be awaited; anything else fails the call with a clear message."""
+
+    def test_pending_works_without_a_schedule(self) -> None:
+        """The fast path's own awaitable suspends and resumes as with a schedule."""
+        pending: Pending[int] = Pending()
+
+        async def filt() -> int:
+            return await pending * 2
+
+        outcome = Outcome()
+        driver = CoroutineDriver(filt(), outcome)
+        driver.step()
+        assert driver.waiting_on is pending
+        pending.set_result(21)
+        driver.step()
+
+        assert outcome.result == 42
+
+    def test_foreign_future_fails_with_task_required(self) -> None:
+        """Awaiting an asyncio future reports TaskRequired at once, naming the object and the declaration;
+        the filter's finally block runs and the abandoned future is cancelled."""
+        cleaned: list[str] = []
+
+        async def main() -> tuple[Outcome, CoroutineDriver, asyncio.Future[None]]:
+            future: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+            async def filt() -> None:
+                try:
+                    await future
+                finally:
+                    cleaned.append("finally")
+
+            outcome = Outcome()
+            driver = CoroutineDriver(filt(), outcome)
+            driver.step()
+            return outcome, driver, future
+
+        outcome, driver, future = asyncio.run(main())
+        assert isinstance(outcome.error, TaskRequired)
+        assert "Future" in str(outcome.error)
+        assert "needs_task = False" in str(outcome.error)
+        assert cleaned == ["finally"]
+        assert driver.finished
+        assert future.cancelled()
+
+    def test_refused_gather_leaves_no_unretrieved_exception(self, caplog: pytest.LogCaptureFixture) -> None:
+        """A refused asyncio.gather is cancelled with its children, and asyncio logs nothing about it."""
+
+        async def main() -> Outcome:
+            async def filt() -> None:
+                await asyncio.gather(asyncio.sleep(0.001), asyncio.sleep(0.001))
+
+            outcome = Outcome()
+            CoroutineDriver(filt(), outcome).step()
+            await asyncio.sleep(0.01)
+            return outcome
+
+        with caplog.at_level(logging.ERROR, logger="asyncio"):
+            outcome = asyncio.run(main())
+            gc.collect()
+        assert isinstance(outcome.error, TaskRequired)
+        assert caplog.records == []
+
+    def test_bare_yield_fails_with_task_required(self) -> None:
+        """asyncio.sleep(0) is refused too: it would need the loop to resume the coroutine."""
+
+        async def filt() -> None:
+            await asyncio.sleep(0)
+
+        outcome = Outcome()
+        CoroutineDriver(filt(), outcome).step()
+
+        assert isinstance(outcome.error, TaskRequired)
+        assert "bare yield" in str(outcome.error)
+
+    def test_broad_except_cannot_swallow_the_refusal(self) -> None:
+        """The coroutine is closed, not sent the error: ``except Exception: return None`` cannot pass the call."""
+        reached: list[str] = []
+
+        async def filt() -> str:
+            try:
+                await asyncio.sleep(0)
+            except Exception:
+                reached.append("except")
+            return "passed"
+
+        outcome = Outcome()
+        CoroutineDriver(filt(), outcome).step()
+
+        assert isinstance(outcome.error, TaskRequired)
+        assert reached == []
+
+    def test_refusal_after_pending_is_reported_once(self) -> None:
+        """A foreign await after an ExtraInfo wait fails once and later steps change nothing."""
+        pending: Pending[int] = Pending()
+
+        async def filt() -> None:
+            await pending
+            await asyncio.sleep(0)
+
+        outcome = Outcome()
+        driver = CoroutineDriver(filt(), outcome)
+        driver.step()
+        pending.set_result(1)
+        driver.step()
+        driver.step()
+        driver.cancel()
+
+        assert isinstance(outcome.error, TaskRequired)
 
 
 class TestForeignAwaitables:
