@@ -5,7 +5,13 @@ Third-party plugins become available with ``pip install``: a distribution declar
     [project.entry-points."apisix_mtls_guard.plugins"]
     my-plugin = "my_package.module:plugin"
 
-where ``plugin`` is a plugin instance or a zero-argument class/factory returning one.
+where ``plugin`` is a plugin instance or a zero-argument class/factory returning one. A plugin can
+also add subcommands to the ``mtls-guard`` command through a second group (loaded by runner/cli.py)::
+
+    [project.entry-points."apisix_mtls_guard.commands"]
+    my-plugin = "my_package.cli:register"
+
+where ``register(subparsers)`` adds its commands to argparse's subparsers action.
 """
 
 from __future__ import annotations
@@ -17,9 +23,10 @@ from typing import Any, cast
 
 from .plugin import Plugin
 
-__all__ = ["ENTRY_POINT_GROUP", "PluginRegistry", "RegistryError"]
+__all__ = ["COMMANDS_ENTRY_POINT_GROUP", "ENTRY_POINT_GROUP", "PluginRegistry", "RegistryError"]
 
 ENTRY_POINT_GROUP = "apisix_mtls_guard.plugins"
+COMMANDS_ENTRY_POINT_GROUP = "apisix_mtls_guard.commands"
 # APISIX's ext-plugin schema limits conf names to 1..128 characters.
 _MAX_NAME = 128
 

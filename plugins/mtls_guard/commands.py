@@ -12,7 +12,7 @@ import sys
 from datetime import UTC, datetime
 from typing import Final
 
-from . import commands_explain
+from . import commands_explain, lint
 from .commands_io import (
     EXIT_NEGATIVE,
     EXIT_STARTUP,
@@ -27,7 +27,8 @@ from .library import PolicyLibrary
 from .lint_findings import Severity
 from .lint_policy import policy_findings
 from .policy import compile_policy
-from .schema import PolicyConfig, PolicyError
+from .policy_config import PolicyConfig
+from .schema_readers import PolicyError
 
 __all__ = ["register"]
 
@@ -67,10 +68,6 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     demo = sub.add_parser("demo", help="runner + fake APISIX + generated certificates, in one process")
     demo.set_defaults(command=_demo)
 
-    try:
-        from . import lint
-    except ImportError:  # pragma: no cover - lint ships with the package
-        return
     lint.register(sub)
 
 
