@@ -49,7 +49,8 @@ from plugins.mtls_guard.identity import (
 from plugins.mtls_guard.matchers import authority_host
 from plugins.mtls_guard.paths import classify_path, exempt_path
 from plugins.mtls_guard.policy import CompiledPolicy, compile_policy, san_header_value
-from plugins.mtls_guard.schema import ApisixSource, HeaderSource, Mode, PolicyError
+from plugins.mtls_guard.policy_config import ApisixSource, HeaderSource, Mode
+from plugins.mtls_guard.schema_readers import PolicyError
 from runner import BasePlugin, HTTPRequest, HTTPResponse, PluginRegistry, Stop
 from runner.confcache import Chain, ConfStore
 from runner.protocol import codec
@@ -71,7 +72,6 @@ from runner.session import Session, SessionConfig
 from .fixtures import CA_PEM, LEAF_FINGERPRINT, LEAF_PEM
 
 __all__ = [
-    "KNOWN_ISSUES",
     "PRESEEDED",
     "TARGETS",
     "OracleViolation",
@@ -81,28 +81,11 @@ __all__ = [
     "configure_logging",
     "make_input",
     "split_input",
-    "tolerate_known_issues",
 ]
 
 
 class OracleViolation(AssertionError):
     """A property the harness checks does not hold: a bug in the code under test (or the harness)."""
-
-
-KNOWN_ISSUES: Final[Mapping[str, str]] = {
-    # none open; fixed so far: overlapping-strings (decoded-text budget in text_entries),
-    # policy-lone-surrogate (schema rejects lone surrogates with a PolicyError)
-}
-"""Bugs already reported (each has a strict-xfail regression test). A fuzzing run tolerates them so
-that CI keeps flagging only new problems; set FUZZ_STRICT=1 to stop tolerating them."""
-_tolerated: set[str] = set()
-
-
-def tolerate_known_issues(enabled: bool = True) -> None:
-    """Let fuzzing continue past the bugs in KNOWN_ISSUES (off by default: the tests stay strict)."""
-    _tolerated.clear()
-    if enabled:
-        _tolerated.update(KNOWN_ISSUES)
 
 
 def _require(condition: object, message: str) -> None:
@@ -304,7 +287,7 @@ def _header_lookup_agrees(view: codec.HTTPReqCall | codec.HTTPRespCall, headers:
 def _check_decoded_size(payload: bytes, *texts: Any) -> None:
     """Decoded text may not exceed the payload: every string of a sane buffer has bytes of its own."""
     size = sum(len(t) for t in texts if isinstance(t, str))
-    if size > len(payload) and "overlapping-strings" not in _tolerated:
+    if size > len(payload):
         raise OracleViolation(f"a {len(payload)}-byte payload decoded into {size} characters of text")
 
 
@@ -1024,10 +1007,6 @@ def check_policy(data: bytes) -> None:
             policy = compile_policy(text)
         except PolicyError:
             return
-        except UnicodeEncodeError as exc:
-            if "policy-lone-surrogate" in _tolerated and "surrogates not allowed" in str(exc):
-                return
-            raise
         policy.describe()
     elif mode == 2:
         fmt = reader.pick(_FORMATS)

@@ -2,9 +2,10 @@
 
 APISIX runs one runner per instance but one nginx worker per core; a single Python process would
 cap the gateway at one core. The supervisor binds the socket once and passes the listening file
-descriptor to N workers (``python -m runner.worker``), so the kernel spreads APISIX's connections
-over them. Conf tokens live in a table shared by all workers (runner.sharedconf): a token prepared
-on one worker works on every other without an extra round trip for APISIX.
+descriptor to N workers (``python -m runner.worker``, started and stopped by runner.workerpool), so
+the kernel spreads APISIX's connections over them. Conf tokens live in a table shared by all
+workers (runner.sharedconf): a token prepared on one worker works on every other without an extra
+round trip for APISIX.
 
 The supervisor replaces a worker that dies (with back-off if it keeps dying), re-binds the socket if
 the file is deleted (then rolls the workers onto the new one) but never once another runner's file
@@ -24,8 +25,6 @@ import shutil
 import signal
 import socket
 import stat
-import subprocess
-import sys
 import time
 from typing import Literal
 
@@ -35,11 +34,12 @@ from .httpd import HealthEndpoint
 from .metrics import MetricsView, RPCStats, build_registry, live_view, merge, to_json
 from .registry import PluginRegistry
 from .reload import Reloader, ReloadStats, reloading
-from .rundir import BALANCE_FILE, CONFS_FILE, create_run_dir, metrics_file, ready_file, write_settings
+from .rundir import BALANCE_FILE, CONFS_FILE, create_run_dir, write_settings
 from .server import StartupError, bind_unix_socket, in_use_message, random_first_token, socket_file_is, socket_is_live
 from .settings import Settings, SettingsSource
 from .sharedconf import SharedConfs
-from .workerlink import WorkerLink, gather_views
+from .workerlink import gather_views
+from .workerpool import WorkerPool
 from .workerreload import WorkerFanout
 
 __all__ = ["Supervisor"]
@@ -47,22 +47,6 @@ __all__ = ["Supervisor"]
 log = logging.getLogger("mtls_guard.runner")
 
 _TICK = 0.1
-# APISIX sends SIGKILL 1 s after SIGTERM: workers get SIGTERM at once and are killed at this mark.
-_STOP_DEADLINE = 0.85
-_MAX_BACKOFF = 5.0
-_HEALTHY_AFTER = 2.0
-
-
-class _Worker:
-    __slots__ = ("failures", "index", "link", "process", "restart_at", "started")
-
-    def __init__(self, index: int) -> None:
-        self.index = index
-        self.process: subprocess.Popen[bytes] | None = None
-        self.link: WorkerLink | None = None
-        self.started = 0.0
-        self.failures = 0
-        self.restart_at = 0.0
 
 
 class Supervisor:
@@ -73,15 +57,13 @@ class Supervisor:
         self.source = source
         self.reload_stats = ReloadStats()
         self._reloader: Reloader | None = None
-        self.workers = [_Worker(i) for i in range(settings.workers)]
+        self.pool = WorkerPool(settings.workers, self._listening_fd)
         self._rundir = ""
         self._sock: socket.socket | None = None
         self._inode: int | None = None
         self._stopping = asyncio.Event()
         self._republish = False
         self._early_stop = False
-        # Workers serving only the connections they had when the socket was re-bound.
-        self._retiring: list[tuple[subprocess.Popen[bytes], WorkerLink | None]] = []
         # Another runner's file took the path: never bind or unlink there again (see _watch).
         self._superseded = False
         self._endpoint: HealthEndpoint | None = None
@@ -96,9 +78,9 @@ class Supervisor:
             signal.signal(sig, self._early_signal)
         try:
             setup_plugins(self.registry, self.settings)  # fail before binding, in one clear line
-            self._rundir = create_run_dir()
+            self._rundir = self.pool.rundir = create_run_dir()
             SharedConfs.initialise(os.path.join(self._rundir, CONFS_FILE), random_first_token())
-            ConnectionBalance.create(os.path.join(self._rundir, BALANCE_FILE), len(self.workers))
+            ConnectionBalance.create(os.path.join(self._rundir, BALANCE_FILE), self.pool.size)
             write_settings(self._rundir, self.settings)
         except (StartupError, OSError, TypeError) as exc:  # TypeError: plugin options JSON cannot carry
             log.error("event=startup_failed reason=%r", str(exc))
@@ -127,8 +109,7 @@ class Supervisor:
                 await endpoint.start()
             self._check_path()
             self._bind("any" if self.settings.replace else "stale")
-            for worker in self.workers:
-                self._spawn(worker)
+            self.pool.start_all()
             await self._publish(first=True)
         except (StartupError, OSError, ImportError) as exc:
             log.error("event=startup_failed reason=%r", str(exc))
@@ -137,9 +118,9 @@ class Supervisor:
                 await endpoint.close()
             return EXIT_STARTUP_FAILURE
         if not self._stopping.is_set():
-            serving_line(self.settings.listen, len(self.workers), endpoint)
+            serving_line(self.settings.listen, self.pool.size, endpoint)
         if self.source is not None:
-            fanout = WorkerFanout(self._rundir, self._links)
+            fanout = WorkerFanout(self._rundir, self.pool.control_links)
             self._reloader = Reloader(
                 self.source, self.registry, self.settings, self._applied, stats=self.reload_stats, fanout=fanout
             )
@@ -171,11 +152,6 @@ class Supervisor:
 
     def _applied(self, settings: Settings) -> None:
         self.settings = settings
-
-    def _links(self) -> list[tuple[str, WorkerLink]]:
-        """Every worker a reload must reach: the serving ones, and retiring ones still holding connections."""
-        links = [(f"worker={w.index}", w.link) for w in self.workers if w.link is not None]
-        return links + [(f"retiring_pid={p.pid}", link) for p, link in self._retiring if link is not None]
 
     def _reloading(self) -> bool:
         return self._reloader is not None and self._reloader.busy
@@ -228,13 +204,13 @@ class Supervisor:
         seconds one serving worker is enough (the rest join as they come up)."""
         started = time.monotonic()
         while True:
-            ready = sum(os.path.exists(ready_file(self._rundir, w.index)) for w in self.workers)
+            ready = self.pool.ready_count()
             waited = time.monotonic() - started
-            if ready == len(self.workers) or (ready and waited > all_within):
+            if ready == self.pool.size or (ready and waited > all_within):
                 break
             if self._stopping.is_set():
                 return
-            if all(w.process is not None and w.process.poll() is not None for w in self.workers):
+            if self.pool.all_exited():
                 raise StartupError("every worker exited during start-up (see the lines above)")
             if waited > timeout:
                 raise StartupError(f"no worker was ready within {timeout:g}s")
@@ -244,57 +220,20 @@ class Supervisor:
             self._claim_path(first=first)
             os.rename(staging, self.settings.listen)
 
-    def _spawn(self, worker: _Worker) -> None:
+    def _listening_fd(self) -> int:
+        """The socket a worker starting now must serve (the pool asks at every start)."""
         assert self._sock is not None
-        fd = self._sock.fileno()
-        ours, theirs = socket.socketpair()  # the worker's metrics link (runner.workerlink)
-        try:
-            argv = [self._rundir, str(worker.index), str(fd), str(os.getpid()), str(theirs.fileno())]
-            worker.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-                [sys.executable, "-m", "runner.worker", *argv], pass_fds=(fd, theirs.fileno())
-            )
-        except BaseException:
-            ours.close()
-            raise
-        finally:
-            theirs.close()
-        if worker.link is not None:
-            worker.link.close()
-        worker.link = WorkerLink(ours)
-        worker.started = time.monotonic()
+        return self._sock.fileno()
 
     # -- supervision --------------------------------------------------------------------------
     def _watch(self) -> None:
         now = time.monotonic()
-        still = []
-        for retiring, link in self._retiring:
-            if retiring.poll() is None:
-                still.append((retiring, link))
-            elif link is not None:
-                link.close()
-        self._retiring = still
+        self.pool.forget_retired()
         # No worker starts during a reload: it would read the settings file about to be replaced.
         reloading_now = self._reloading()
         if not self._superseded and not reloading_now:
             self._watch_path()
-        for worker in self.workers:
-            process = worker.process
-            if process is not None:
-                code = process.poll()
-                if code is None:
-                    continue
-                worker.process = None
-                if worker.link is not None:
-                    worker.link.close()
-                    worker.link = None
-                ConnectionBalance.mark_absent(os.path.join(self._rundir, BALANCE_FILE), worker.index)
-                quick = now - worker.started < _HEALTHY_AFTER
-                worker.failures = worker.failures + 1 if quick else 0
-                delay = min(_MAX_BACKOFF, 0.1 * 2**worker.failures) if worker.failures else 0.0
-                worker.restart_at = now + delay
-                log.error("event=worker_exited worker=%d code=%s restart_in=%.1fs", worker.index, code, delay)
-            if worker.process is None and now >= worker.restart_at and not reloading_now:
-                self._spawn(worker)
+        self.pool.restart_exited(now, may_start=not reloading_now)
 
     def _socket_intact(self) -> bool:
         return socket_file_is(self.settings.listen, self._inode)
@@ -331,23 +270,13 @@ class Supervisor:
         except StartupError as exc:
             log.error("event=socket_rebind_failed reason=%r", str(exc))
             return
-        for worker in self.workers:
-            if worker.process is not None and worker.process.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    worker.process.send_signal(signal.SIGUSR1)
-                self._retiring.append((worker.process, worker.link))
-                worker.link = None
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(ready_file(self._rundir, worker.index))
-            worker.failures = 0
-            self._spawn(worker)
+        self.pool.retire_and_restart()
         if old is not None:
             old.close()
         self._republish = True
 
     def ready(self) -> bool:
-        alive = any(w.process is not None and w.process.poll() is None for w in self.workers)
-        return alive and not self._stopping.is_set() and self._socket_intact()
+        return self.pool.any_alive() and not self._stopping.is_set() and self._socket_intact()
 
     async def _stop_all(self) -> None:
         started = time.monotonic()
@@ -356,22 +285,7 @@ class Supervisor:
                 os.unlink(self.settings.listen)
         if self._sock is not None:
             self._sock.close()
-        running = [w.process for w in self.workers if w.process is not None and w.process.poll() is None]
-        running += [p for p, _ in self._retiring if p.poll() is None]
-        for link in [w.link for w in self.workers] + [link for _, link in self._retiring]:
-            if link is not None:
-                link.close()
-        for process in running:
-            with contextlib.suppress(ProcessLookupError):
-                process.send_signal(signal.SIGTERM)
-        while running and time.monotonic() - started < _STOP_DEADLINE:
-            await asyncio.sleep(0.01)
-            running = [p for p in running if p.poll() is None]
-        for process in running:
-            log.error("event=worker_killed pid=%d reason='no exit within %.2fs'", process.pid, _STOP_DEADLINE)
-            with contextlib.suppress(ProcessLookupError):
-                process.kill()
-            process.wait()
+        await self.pool.stop(started)
         log.info("event=stopped drained_in=%.3fs", time.monotonic() - started)
 
     def _cleanup(self) -> None:
@@ -398,7 +312,5 @@ class Supervisor:
     async def _collect(self) -> MetricsView:
         """Every worker's counters now (retiring ones too: they still serve connections); a worker
         that does not answer in time is counted from the file it rewrites every second."""
-        links = [w.link for w in self.workers] + [link for _, link in self._retiring]
-        files = [metrics_file(self._rundir, w.index) for w in self.workers]
         own = to_json(live_view(RPCStats(), {}, [self.reload_stats])())  # the supervisor decides reloads
-        return merge([*await gather_views(links, files), own])
+        return merge([*await gather_views(self.pool.scrape_links(), self.pool.metrics_files()), own])

@@ -24,7 +24,7 @@ from .options import load_revocation
 from .plugin import MtlsGuard
 from .policy import CompiledPolicy, compile_policy
 from .revocation import CrlError, RevocationTable
-from .schema import PolicyError
+from .schema_readers import PolicyError
 
 __all__ = [
     "EXIT_NEGATIVE",

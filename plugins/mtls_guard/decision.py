@@ -19,9 +19,9 @@ from .forwarded import parse_forwarded
 from .identity import CertificateCache, CertificateError, ClientCertificate, load_pem, unescape_nginx
 from .matchers import SanMatcher, normalize_host
 from .paths import exempt_path
+from .policy_config import HOST_MISMATCH_STATUS, HeaderSource, IPNetwork, Mode
 from .reasons import Reason
 from .revocation import NO_REVOCATION, RevocationTable, first_problem
-from .schema import HOST_MISMATCH_STATUS, HeaderSource, IPNetwork, Mode
 from .trust import TrustBundle
 
 __all__ = [

@@ -25,7 +25,7 @@ from .matchers import DomainSet, authority_host, compile_regex, normalize_host
 from .paths import classify_path
 from .plugin import MtlsGuard, read_facts
 from .policy import METHOD_OVERRIDE_ARG, METHOD_OVERRIDE_HEADERS, CompiledPolicy
-from .schema import ExemptRule
+from .policy_config import ExemptRule
 
 __all__ = ["Explanation", "TableChannel", "explain", "nginx_uri", "query_args"]
 

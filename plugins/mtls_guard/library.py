@@ -16,7 +16,8 @@ from typing import Any, Final
 
 import yaml
 
-from .schema import PolicyError, join_path, parse_policy, read_object
+from .schema import parse_policy
+from .schema_readers import PolicyError, join_path, read_object
 
 __all__ = ["PolicyLibrary"]
 

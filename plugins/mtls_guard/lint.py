@@ -29,10 +29,11 @@ from .lint_admin import DEFAULT_KEY_ENV, AdminError, AdminSnapshot, fetch_admin
 from .lint_coverage import check_coverage
 from .lint_exempt import check_exemptions
 from .lint_findings import CODES, Findings, Severity
-from .lint_load import Config, InputError, load_export, load_files
+from .lint_load import Config, load_export, load_files
 from .lint_plugins import PluginAnalysis
+from .lint_read import InputError
 from .lint_tls import check_ssls
-from .schema import PolicyError
+from .schema_readers import PolicyError
 
 __all__ = ["CODES", "LintResult", "lint_files", "main", "register"]
 

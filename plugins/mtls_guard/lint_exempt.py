@@ -35,7 +35,7 @@ from .lint_load import Config, Resource
 from .lint_plugins import PRE_REQ, GuardUse, PluginAnalysis, plugins_of
 from .lint_policy import methods_unrestricted, path_unrestricted, policy_findings
 from .matchers import DomainSet, compile_regex
-from .schema import ExemptRule
+from .policy_config import ExemptRule
 
 __all__ = ["check_exemptions", "route_hosts_exempt", "rule_may_apply"]
 

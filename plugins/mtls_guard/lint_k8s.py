@@ -30,14 +30,23 @@ import base64
 import binascii
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any, Final, TypeVar
+from typing import Any, Final
 
 from .lint_findings import Findings
+from .lint_k8s_objects import (
+    APISIX_GROUP,
+    KubernetesObject,
+    Location,
+    api_group,
+    as_mapping,
+    find_by_name,
+    kubernetes_objects,
+    yaml_line,
+)
 
-__all__ = ["KubernetesLayout", "Mapped", "is_apisix_manifest", "kubernetes_objects"]
+__all__ = ["KubernetesLayout", "Mapped"]
 
-_GROUP: Final = "apisix.apache.org"
-_V2: Final = f"{_GROUP}/v2"
+_V2: Final = f"{APISIX_GROUP}/v2"
 # v2 kinds that carry nothing the checks read (upstream settings, consumers, controller settings).
 _IGNORED_V2: Final = frozenset({"ApisixUpstream", "ApisixConsumer", "ApisixClusterConfig"})
 # Kinds the controller also turns into routes or SSL objects, which this mapping does not read.
@@ -46,7 +55,6 @@ _UNREAD_GROUPS: Final = frozenset({"networking.k8s.io", "gateway.networking.k8s.
 _SERVER_KEYS: Final = (("cert", "key"), ("tls.crt", "tls.key"))  # (certificate, private key), in this order
 _CA_KEYS: Final = ("cert", "tls.crt", "ca.crt")
 _PRE_REQ: Final = "ext-plugin-pre-req"
-_T = TypeVar("_T")
 
 
 @dataclass(frozen=True, slots=True)
@@ -60,95 +68,9 @@ class Mapped:
     line: int | None
 
 
-def kubernetes_objects(document: object) -> list[Mapping[str, Any]] | None:
-    """The Kubernetes objects of one document, a ``kind: List`` (``kubectl get -o yaml``) flattened;
-    None when the document is not a Kubernetes object."""
-    if not isinstance(document, Mapping) or not all(isinstance(document.get(k), str) for k in ("apiVersion", "kind")):
-        return None
-    items = document.get("items")
-    if document["kind"].endswith("List") and isinstance(items, list):
-        return [item for item in items if isinstance(item, Mapping)]
-    return [document]
-
-
-def _group(obj: Mapping[str, Any]) -> str:
-    version = str(obj.get("apiVersion", ""))
-    return version.split("/", 1)[0] if "/" in version else ""
-
-
-def is_apisix_manifest(document: object) -> bool:
-    """An ``apisix.apache.org`` object (or a List holding one): the input is a Kubernetes layout."""
-    return any(_group(obj) == _GROUP for obj in kubernetes_objects(document) or ())
-
-
-def _line(node: object) -> int | None:
-    line = getattr(node, "line", None)  # set by lint_load's YAML loader; JSON has no lines
-    return line if isinstance(line, int) else None
-
-
-def _mapping(value: object) -> Mapping[str, Any]:
-    return value if isinstance(value, Mapping) else {}
-
-
-@dataclass(frozen=True, slots=True)
-class _Object:
-    doc: Mapping[str, Any]
-    source: str
-
-    @property
-    def kind(self) -> str:
-        return str(self.doc.get("kind"))
-
-    @property
-    def version(self) -> str:
-        return str(self.doc.get("apiVersion"))
-
-    @property
-    def name(self) -> str:
-        return str(_mapping(self.doc.get("metadata")).get("name") or "")
-
-    @property
-    def namespace(self) -> str:
-        # "": applied to whatever namespace kubectl was pointed at.
-        return str(_mapping(self.doc.get("metadata")).get("namespace") or "")
-
-    @property
-    def spec(self) -> Mapping[str, Any]:
-        return _mapping(self.doc.get("spec"))
-
-    @property
-    def line(self) -> int | None:
-        return _line(self.doc)
-
-    def ref(self, *more: str) -> str:
-        return "/".join(part for part in (self.namespace, self.name, *more) if part)
-
-
-@dataclass(frozen=True, slots=True)
-class _At:
-    """Where a finding points: the manifest, the object it is about, the field, the YAML line."""
-
-    obj: _Object
-    label: str  # "routes/ns/name/rule"
-    field: str  # "spec.http[0].plugins[1]"
-    line: int | None
-
-    def inner(self, field: str, node: object) -> _At:
-        return _At(self.obj, self.label, field, _line(node) or self.line)
-
-
-def _find(table: Mapping[tuple[str, str], _T], namespace: str, name: str) -> _T | None:
-    """Exact namespace/name; a manifest without namespace (applied with ``kubectl -n``) matches by name."""
-    hit = table.get((namespace, name), table.get(("", name)))
-    if hit is None and not namespace:
-        candidates = [value for (_, n), value in table.items() if n == name]
-        hit = candidates[0] if len(candidates) == 1 else None
-    return hit
-
-
 def _carries_guard(config: object) -> bool:
-    conf = _mapping(config).get("conf")
-    return isinstance(conf, list) and any(_mapping(entry).get("name") == "mtls-guard" for entry in conf)
+    conf = as_mapping(config).get("conf")
+    return isinstance(conf, list) and any(as_mapping(entry).get("name") == "mtls-guard" for entry in conf)
 
 
 def _insert_dotted(config: dict[str, Any], key: str, value: str) -> None:
@@ -169,8 +91,8 @@ class KubernetesLayout:
 
     def __init__(self, findings: Findings) -> None:
         self.findings = findings
-        self._objects: list[_Object] = []
-        self._secrets: dict[tuple[str, str], _Object] = {}
+        self._objects: list[KubernetesObject] = []
+        self._secrets: dict[tuple[str, str], KubernetesObject] = {}
         self._plugin_configs: dict[tuple[str, str], str] = {}
 
     def take(self, document: object, source: str) -> bool:
@@ -178,10 +100,10 @@ class KubernetesLayout:
         objects = kubernetes_objects(document)
         if objects is None:
             return False
-        self._objects += [_Object(obj, source) for obj in objects]
+        self._objects += [KubernetesObject(obj, source) for obj in objects]
         return True
 
-    def _add(self, code: str, at: _At, message: str, fix: str) -> None:
+    def _add(self, code: str, at: Location, message: str, fix: str) -> None:
         self.findings.add(code, at.label, message, fix, source=at.obj.source, line=at.line)
 
     def resources(self) -> list[Mapped]:
@@ -191,13 +113,13 @@ class KubernetesLayout:
         out: list[Mapped] = []
         for obj in self._objects:
             if obj.version != _V2:
-                if _group(obj.doc) == _GROUP or (_group(obj.doc) in _UNREAD_GROUPS and obj.kind in _UNREAD):
+                if api_group(obj.doc) == APISIX_GROUP or (api_group(obj.doc) in _UNREAD_GROUPS and obj.kind in _UNREAD):
                     self._unread(obj)
             elif obj.kind == "ApisixRoute":
                 out += self._route(obj)
             elif obj.kind in ("ApisixPluginConfig", "ApisixGlobalRule"):
                 kind = "plugin_configs" if obj.kind == "ApisixPluginConfig" else "global_rules"
-                at = _At(obj, f"{kind}/{obj.ref()}", "spec.plugins", obj.line)
+                at = Location(obj, f"{kind}/{obj.ref()}", "spec.plugins", obj.line)
                 plugins = self._plugins(at, obj.spec.get("plugins"))
                 out.append(Mapped(kind, obj.ref(), {"id": obj.ref(), "plugins": plugins}, obj.source, obj.line))
             elif obj.kind == "ApisixTls":
@@ -207,10 +129,10 @@ class KubernetesLayout:
         self._global_plugin_clashes([m for m in out if m.kind == "global_rules"])
         return out
 
-    def _unread(self, obj: _Object) -> None:
+    def _unread(self, obj: KubernetesObject) -> None:
         self._add(
             "MG002",
-            _At(obj, obj.source, "", obj.line),
+            Location(obj, obj.source, "", obj.line),
             f"{obj.version} {obj.kind} {obj.ref()!r} is not read by the linter (it reads {_V2} ApisixRoute, "
             "ApisixPluginConfig, ApisixTls, ApisixGlobalRule): the routes, SSL objects or plugins the controller "
             "makes of it are not checked",
@@ -219,7 +141,7 @@ class KubernetesLayout:
 
     # -- plugins ------------------------------------------------------------------------------------
 
-    def _plugins(self, at: _At, raw: object) -> dict[str, Any]:
+    def _plugins(self, at: Location, raw: object) -> dict[str, Any]:
         if raw is None:
             return {}
         if not isinstance(raw, list):
@@ -228,7 +150,7 @@ class KubernetesLayout:
         plugins: dict[str, Any] = {}
         for index, entry in enumerate(raw):
             here = at.inner(f"{at.field}[{index}]", entry)
-            name = _mapping(entry).get("name")
+            name = as_mapping(entry).get("name")
             if not isinstance(name, str) or not name:
                 self._add("MG004", here, f"{here.field} needs a plugin 'name'", "add the plugin name")
                 continue
@@ -252,7 +174,7 @@ class KubernetesLayout:
             plugins[name] = config
         return plugins
 
-    def _disabled(self, at: _At, name: str, enable: object, config: object) -> None:
+    def _disabled(self, at: Location, name: str, enable: object, config: object) -> None:
         if not isinstance(enable, bool):
             self._add("MG004", at, f"{at.field}: 'enable' must be true or false", "use a YAML boolean")
         elif name == _PRE_REQ and _carries_guard(config):
@@ -264,8 +186,8 @@ class KubernetesLayout:
                 "set enable: true, or remove the plugin if it is not wanted",
             )
 
-    def _merge_secret(self, at: _At, what: str, ref: str, config: dict[str, Any]) -> None:
-        secret = _find(self._secrets, at.obj.namespace, ref)
+    def _merge_secret(self, at: Location, what: str, ref: str, config: dict[str, Any]) -> None:
+        secret = find_by_name(self._secrets, at.obj.namespace, ref)
         data = self._secret_data(secret, at) if secret is not None else None
         if data is None:
             where = f"{at.obj.namespace}/{ref}" if at.obj.namespace else ref
@@ -300,26 +222,29 @@ class KubernetesLayout:
 
     # -- routes -------------------------------------------------------------------------------------
 
-    def _route(self, obj: _Object) -> Iterator[Mapped]:
+    def _route(self, obj: KubernetesObject) -> Iterator[Mapped]:
         http = obj.spec.get("http")
         if http is None:
             return  # stream-only: APISIX's stream subsystem always rejects missing certificates itself
         if not isinstance(http, list):
             self._add(
-                "MG004", _At(obj, f"routes/{obj.ref()}", "spec.http", obj.line), "spec.http must be a list", "fix it"
+                "MG004",
+                Location(obj, f"routes/{obj.ref()}", "spec.http", obj.line),
+                "spec.http must be a list",
+                "fix it",
             )
             return
         for index, rule in enumerate(http):
-            line = _line(rule) or obj.line
-            rule_name = _mapping(rule).get("name")
+            line = yaml_line(rule) or obj.line
+            rule_name = as_mapping(rule).get("name")
             named = isinstance(rule_name, str) and bool(rule_name)
             ident = obj.ref(str(rule_name) if named else f"#{index + 1}")
-            at = _At(obj, f"routes/{ident}", f"spec.http[{index}]", line)
+            at = Location(obj, f"routes/{ident}", f"spec.http[{index}]", line)
             if not isinstance(rule, Mapping) or not named:
                 self._add("MG004", at, f"{at.field} needs a 'name'", "name every http rule")
             if not isinstance(rule, Mapping):
                 continue
-            match = _mapping(rule.get("match"))
+            match = as_mapping(rule.get("match"))
             value: dict[str, Any] = {"id": ident, "name": ident.replace("/", "_")}
             paths = match.get("paths")
             if isinstance(paths, list) and paths and all(isinstance(p, str) for p in paths):
@@ -333,12 +258,12 @@ class KubernetesLayout:
             self._plugin_config(at, rule, value)
             yield Mapped("routes", ident, value, obj.source, line)
 
-    def _plugin_config(self, at: _At, rule: Mapping[str, Any], value: dict[str, Any]) -> None:
+    def _plugin_config(self, at: Location, rule: Mapping[str, Any], value: dict[str, Any]) -> None:
         name = rule.get("plugin_config_name")
         if not isinstance(name, str) or not name:
             return
         namespace = rule.get("plugin_config_namespace") or at.obj.namespace
-        target = _find(self._plugin_configs, str(namespace), name)
+        target = find_by_name(self._plugin_configs, str(namespace), name)
         if target is not None:
             value["plugin_config_id"] = target
             return
@@ -353,8 +278,8 @@ class KubernetesLayout:
 
     # -- TLS ----------------------------------------------------------------------------------------
 
-    def _tls(self, obj: _Object) -> Mapped:
-        spec, at = obj.spec, _At(obj, f"ssls/{obj.ref()}", "spec", obj.line)
+    def _tls(self, obj: KubernetesObject) -> Mapped:
+        spec, at = obj.spec, Location(obj, f"ssls/{obj.ref()}", "spec", obj.line)
         value: dict[str, Any] = {"id": obj.ref()}
         if "hosts" in spec:
             value["snis"] = spec["hosts"]
@@ -372,11 +297,11 @@ class KubernetesLayout:
             value["client"] = client  # the TLS checks report the shape
         return Mapped("ssls", obj.ref(), value, obj.source, obj.line)
 
-    def _certificate(self, at: _At, ref: Mapping[str, Any], *, server: bool) -> str:
+    def _certificate(self, at: Location, ref: Mapping[str, Any], *, server: bool) -> str:
         name, namespace = str(ref.get("name") or ""), str(ref.get("namespace") or at.obj.namespace)
         where = f"{namespace}/{name}" if namespace else name
         placeholder = f"$secret://kubernetes/{where}"
-        secret = _find(self._secrets, namespace, name)
+        secret = find_by_name(self._secrets, namespace, name)
         data = self._secret_data(secret, at) if secret is not None else None
         if secret is None or data is None:
             return placeholder
@@ -389,25 +314,25 @@ class KubernetesLayout:
         wanted = " or ".join(f"{c} + {k}" if k else c for c, k in pairs)
         self._add(
             "MG035",
-            _At(secret, at.label, "data", secret.line),
+            Location(secret, at.label, "data", secret.line),
             f"Secret {where} has no {wanted}; the ingress controller cannot build this SSL object from it",
             "store the PEM certificate (and for the server its key) under those keys",
         )
         return placeholder
 
-    def _secret_data(self, secret: _Object, at: _At) -> dict[str, str] | None:
+    def _secret_data(self, secret: KubernetesObject, at: Location) -> dict[str, str] | None:
         """The Secret's values as text (``stringData`` wins, as on apply); None when one does not decode."""
         data: dict[str, str] = {}
-        for key, raw in _mapping(secret.doc.get("data")).items():
+        for key, raw in as_mapping(secret.doc.get("data")).items():
             try:
                 data[str(key)] = base64.b64decode(str(raw), validate=True).decode("utf-8")
             except (binascii.Error, UnicodeDecodeError):
                 self._add(
                     "MG004",
-                    _At(secret, at.label, "data", secret.line),
+                    Location(secret, at.label, "data", secret.line),
                     f"Secret {secret.ref()} data {key!r} is not base64-encoded UTF-8 text; Kubernetes rejects it",
                     "base64-encode the PEM text (or put it under stringData)",
                 )
                 return None
-        data.update({str(key): str(value) for key, value in _mapping(secret.doc.get("stringData")).items()})
+        data.update({str(key): str(value) for key, value in as_mapping(secret.doc.get("stringData")).items()})
         return data

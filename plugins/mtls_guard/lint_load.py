@@ -2,7 +2,7 @@
 -> one resource model.
 
 Accepted shapes, per file (YAML, several documents allowed, or JSON; told apart by extension, else by
-the first character):
+the first character, and parsed by ``lint_read``):
 
 * standalone / combined export: ``{"routes": [...], "ssls": [...], ...}`` with plain objects, Admin API
   items (``{"key": ..., "value": {...}}``) or a list response per resource;
@@ -22,19 +22,18 @@ that quietly checked nothing would look like a clean bill of health.
 
 from __future__ import annotations
 
-import json
 import re
-from collections.abc import Hashable, Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
-import yaml
-
 from .lint_findings import Findings
-from .lint_k8s import KubernetesLayout, is_apisix_manifest, kubernetes_objects
+from .lint_k8s import KubernetesLayout
+from .lint_k8s_objects import is_apisix_manifest, kubernetes_objects
+from .lint_read import parse_file
 
-__all__ = ["CHECKED_KINDS", "Config", "InputError", "LoadedFile", "Resource", "load_export", "load_files"]
+__all__ = ["CHECKED_KINDS", "Config", "LoadedFile", "Resource", "load_export", "load_files"]
 
 # Resources the checks read; the others are known APISIX resources that carry nothing mTLS-relevant here.
 CHECKED_KINDS: Final = ("routes", "services", "ssls", "global_rules", "plugin_configs")
@@ -46,11 +45,6 @@ _ADMIN_ITEM_KEYS: Final = frozenset({"key", "value", "createdIndex", "modifiedIn
 # GET /apisix/admin/configs (API-driven standalone, apisix/admin/standalone.lua) stores these beside the lists.
 _STANDALONE_META: Final = frozenset({"X-Last-Modified", "X-Digest"})
 _KEY_RE: Final = re.compile(r"/apisix/([a-z_]+)(?:/([^/]+))?/?\Z")
-MAX_FILE_BYTES: Final = 32 << 20
-
-
-class InputError(Exception):
-    """A file cannot be read or parsed at all (exit code 2)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -87,100 +81,7 @@ class Config:
         return next((r for r in self.resources[kind] if r.id == wanted), None)
 
 
-# -- parsing -----------------------------------------------------------------------------------------
-
-
-class _LocatedDict(dict[Any, Any]):
-    """A mapping that remembers the YAML line it started on, so findings can point into the file."""
-
-    line: int | None = None
-
-
-class _Loader(yaml.SafeLoader):
-    """SafeLoader recording duplicate keys (lint reports them) and the line of every mapping."""
-
-    def __init__(self, stream: str) -> None:
-        super().__init__(stream)
-        self.duplicates: list[tuple[str, int | None]] = []
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Hashable, Any]:
-        seen: set[object] = set()
-        for key_node, _ in node.value:
-            key = self.construct_object(key_node, deep=deep)
-            if isinstance(key, Hashable) and key in seen:
-                self.duplicates.append((f"duplicate key {key!r}", key_node.start_mark.line + 1))
-            seen.add(key)
-        return super().construct_mapping(node, deep=deep)
-
-
-def _construct_located_map(loader: _Loader, node: yaml.MappingNode) -> Iterator[_LocatedDict]:
-    # Two-step construction like PyYAML's own: the empty mapping is yielded first so recursive
-    # structures (anchors referring to themselves) resolve.
-    data = _LocatedDict()
-    data.line = node.start_mark.line + 1
-    yield data
-    data.update(loader.construct_mapping(node))
-
-
-_Loader.add_constructor("tag:yaml.org,2002:map", _construct_located_map)
-
-
-def _parse_yaml(text: str, path: str) -> tuple[list[object], list[tuple[str, int | None]]]:
-    loader = _Loader(text)
-    try:
-        documents = []
-        while loader.check_data():  # type: ignore[no-untyped-call]  # "---"-separated documents, as kubectl reads
-            documents.append(loader.get_data())
-        return [d for d in documents if d is not None] or [None], loader.duplicates
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1} column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(exc, "problem", None) or " ".join(str(exc).split())
-        raise InputError(f"{path}: invalid YAML{where}: {problem}") from None
-    finally:
-        loader.dispose()
-
-
-def _parse_json(text: str, path: str) -> tuple[list[object], list[tuple[str, int | None]]]:
-    duplicates: list[tuple[str, int | None]] = []
-
-    def pairs(items: list[tuple[str, Any]]) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, value in items:
-            if key in out:
-                duplicates.append((f"duplicate key {key!r}", None))
-            out[key] = value
-        return out
-
-    try:
-        return [json.loads(text, object_pairs_hook=pairs)], duplicates
-    except json.JSONDecodeError as exc:
-        raise InputError(f"{path}: invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
-
-
-def _read(path: str) -> str:
-    try:
-        p = Path(path)
-        if p.stat().st_size > MAX_FILE_BYTES:
-            raise InputError(f"{path}: larger than {MAX_FILE_BYTES} bytes")
-        return p.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise InputError(f"{path}: no such file") from None
-    except IsADirectoryError:
-        raise InputError(f"{path}: is a directory") from None
-    except OSError as exc:
-        raise InputError(f"{path}: cannot read: {exc.strerror}") from None
-    except UnicodeDecodeError:
-        raise InputError(f"{path}: not UTF-8 text") from None
-
-
-def _format_of(path: str, text: str) -> str:
-    suffix = Path(path).suffix.lower()
-    if suffix == ".json":
-        return "json"
-    if suffix in (".yaml", ".yml"):
-        return "yaml"
-    return "json" if text.lstrip()[:1] in ("{", "[") else "yaml"
+# -- recognition -------------------------------------------------------------------------------------
 
 
 def _kind_from_name(path: str) -> str | None:
@@ -195,9 +96,6 @@ def _kind_from_name(path: str) -> str | None:
     # "stream_routes" contains "routes", "plugin_configs" contains "plugin": the longer name wins.
     kinds = {k for s, e, k in spans if not any(s2 <= s and e <= e2 and (s2, e2) != (s, e) for s2, e2, _ in spans)}
     return kinds.pop() if len(kinds) == 1 else None
-
-
-# -- recognition -------------------------------------------------------------------------------------
 
 
 class _Recogniser:
@@ -318,22 +216,6 @@ def _end_flag_present(text: str) -> bool:
     return "#END" in text.encode("utf-8")[-10:].decode("utf-8", "ignore")
 
 
-@dataclass(frozen=True, slots=True)
-class _Parsed:
-    path: str
-    format: str
-    text: str
-    documents: list[object]
-    duplicates: list[tuple[str, int | None]]
-
-
-def _parse(path: str) -> _Parsed:
-    text = _read(path)
-    fmt = _format_of(path, text)
-    documents, duplicates = _parse_yaml(text, path) if fmt == "yaml" else _parse_json(text, path)
-    return _Parsed(path, fmt, text, documents, duplicates)
-
-
 def _unrecognised_detail(documents: Sequence[object]) -> str:
     kinds = dict.fromkeys(str(o.get("kind")) for d in documents for o in kubernetes_objects(d) or ())
     if kinds:
@@ -344,8 +226,8 @@ def _unrecognised_detail(documents: Sequence[object]) -> str:
 
 
 def load_files(paths: Sequence[str], findings: Findings) -> Config:
-    """Parse and merge every file; raises InputError for a file that cannot be read or parsed."""
-    parsed = [_parse(path) for path in paths]  # the layout mode below depends on every file
+    """Parse and merge every file; raises lint_read.InputError for a file that cannot be read or parsed."""
+    parsed = [parse_file(path) for path in paths]  # the layout mode below depends on every file
     config = Config()
     # Kubernetes objects are read as a layout only when the controller's CRDs are in the input: a
     # Deployment next to an ApisixRoute is part of the deployment, alone it is the wrong file.

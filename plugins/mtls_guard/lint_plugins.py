@@ -17,7 +17,8 @@ from .lint_findings import Findings
 from .lint_load import Config, Resource
 from .lint_policy import named_policy_downgrade
 from .policy import CompiledPolicy, compile_policy
-from .schema import HeaderSource, Mode, PolicyError
+from .policy_config import HeaderSource, Mode
+from .schema_readers import PolicyError
 
 __all__ = ["GUARD", "PRE_REQ", "GuardUse", "PluginAnalysis", "plugins_of"]
 

@@ -25,7 +25,7 @@ from .library import PolicyLibrary
 from .lint_findings import CODES, Severity
 from .lint_pattern import DeadAlternative, dead_alternatives, matches_every_path
 from .matchers import APISIX_METHODS
-from .schema import ExemptRule, HeaderSource, IPNetwork, Mode, PolicyConfig
+from .policy_config import ExemptRule, HeaderSource, IPNetwork, Mode, PolicyConfig
 
 __all__ = [
     "PolicyFinding",

@@ -18,8 +18,10 @@ from cryptography import x509
 
 from .crl_files import read_crl_paths, read_issuer_files
 from .library import PolicyLibrary
+from .policy_config import HeaderSource
 from .revocation import NO_REVOCATION, CrlError, RevocationTable, build_table
-from .schema import HeaderSource, PolicyError, parse_policy
+from .schema import parse_policy
+from .schema_readers import PolicyError
 
 __all__ = ["OPTIONS", "GuardOptions", "library_issuers", "load_options", "load_revocation"]
 

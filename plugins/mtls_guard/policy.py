@@ -22,16 +22,10 @@ from .forwarded import build_xfcc
 from .identity import CertificateCache, ClientCertificate
 from .library import PolicyLibrary
 from .matchers import DomainSet, SanMatcher
+from .policy_config import HOST_MISMATCH_STATUS, ExemptRule, HeaderSource, Mode, PolicyConfig
 from .revocation import NO_REVOCATION, RevocationTable
-from .schema import (
-    HOST_MISMATCH_STATUS,
-    ExemptRule,
-    HeaderSource,
-    Mode,
-    PolicyConfig,
-    PolicyError,
-    parse_policy,
-)
+from .schema import parse_policy
+from .schema_readers import PolicyError
 from .trust import TrustBundle
 
 __all__ = [

@@ -1,5 +1,7 @@
 """Policy documents (route JSON, policy-file YAML) -> validated, typed, immutable configuration.
 
+This module knows the policy's vocabulary and reads a document into the types of :mod:`.policy_config`;
+:class:`PolicyError` and the generic readers (string, list, object...) are :mod:`.schema_readers`.
 The policy file itself (named policies, defaults, its YAML loader) is :mod:`.library`; it validates
 each named policy with :func:`parse_policy` from here.
 
@@ -12,10 +14,8 @@ from __future__ import annotations
 
 import ipaddress
 import re
-from collections.abc import Callable, Hashable, Mapping, Sequence
-from dataclasses import dataclass
-from enum import StrEnum
-from typing import Final, Literal, TypeAlias, TypeVar
+from collections.abc import Callable, Mapping
+from typing import Final
 
 from runner.protocol.codec import fold_header_name
 
@@ -25,8 +25,6 @@ from .identity import CertificateError
 from .matchers import (
     APISIX_METHODS,
     MAX_PATTERN_LENGTH,
-    EmailPattern,
-    UriPattern,
     compile_regex,
     normalize_fingerprint,
     parse_dns_pattern,
@@ -34,34 +32,36 @@ from .matchers import (
     parse_host_pattern,
     parse_uri_pattern,
 )
+from .policy_config import (
+    HOST_MISMATCH_STATUS,
+    ApisixSource,
+    ExemptRule,
+    Forward,
+    HeaderSource,
+    IPNetwork,
+    Mode,
+    NameRequirement,
+    PolicyConfig,
+    Reject,
+    Requirements,
+    SanRequirement,
+)
 from .revocation import CrlError, RevocationTable
+from .schema_readers import (
+    PolicyError,
+    join_path,
+    parsed_reader,
+    read_bool,
+    read_list,
+    read_object,
+    read_optional,
+    read_str,
+)
 from .trust import TrustBundle
 
-__all__ = [
-    "ApisixSource",
-    "ExemptRule",
-    "Forward",
-    "HeaderSource",
-    "IPNetwork",
-    "Mode",
-    "NameRequirement",
-    "PolicyConfig",
-    "PolicyError",
-    "Reject",
-    "Requirements",
-    "SanRequirement",
-    "fold_name",
-    "join_path",
-    "parse_policy",
-]
+__all__ = ["fold_name", "parse_policy"]
 
-IPNetwork: TypeAlias = ipaddress.IPv4Network | ipaddress.IPv6Network
-_T = TypeVar("_T")
-_D = TypeVar("_D")
-
-HOST_MISMATCH_STATUS: Final = 421
 MAX_RULES: Final = 1024
-MAX_LIST: Final = 1024
 MAX_PEM: Final = 1 << 20
 MAX_BODY: Final = 16 * 1024
 # RFC 4512 short names accepted in subject/issuer constraints; anything else must be a dotted OID.
@@ -69,7 +69,6 @@ NAME_ATTRIBUTES: Final = frozenset({"CN", "O", "OU", "C", "L", "ST", "DC", "SERI
 _OID: Final = re.compile(r"[0-2](?:\.(?:0|[1-9][0-9]*))+\Z")
 _TOKEN: Final = re.compile(r"[!#$%&'*+.^_`|~0-9a-z-]{1,128}\Z")
 _ID: Final = re.compile(r"[\x21-\x7e](?:[\x20-\x7e]{0,62}[\x21-\x7e])?\Z")
-_PRINTABLE: Final = re.compile(r"[\x20-\x7e]*\Z")
 # Headers the plugin must never be told to delete or forge: framing and routing belong to nginx.
 _RESERVED_HEADERS: Final = frozenset(
     {"host", "content-length", "transfer-encoding", "connection", "te", "upgrade", "keep-alive", "trailer"}
@@ -81,185 +80,13 @@ _DEFAULT_HEADERS: Final = {
 }
 
 
-class PolicyError(ValueError):
-    """A policy document is invalid; ``path`` is the offending key path ("" for the document)."""
-
-    def __init__(self, path: str, message: str) -> None:
-        self.path = path
-        super().__init__(f"{path}: {message}" if path else message)
-
-
-class Mode(StrEnum):
-    ENFORCE = "enforce"
-    REPORT = "report"
-
-
-@dataclass(frozen=True, slots=True)
-class ExemptRule:
-    id: str
-    path: str | None
-    methods: frozenset[str] | None
-    hosts: tuple[str, ...] | None  # normalised: lower-case names or "*.domain"
-    preflight: bool = False  # a CORS preflight: OPTIONS with Origin and Access-Control-Request-Method
-
-
-@dataclass(frozen=True, slots=True)
-class SanRequirement:
-    dns: tuple[str, ...] = ()
-    uri: tuple[UriPattern, ...] = ()
-    email: tuple[EmailPattern, ...] = ()
-
-
-@dataclass(frozen=True, slots=True)
-class NameRequirement:
-    """Per attribute (short name or dotted OID), the accepted values; every attribute must hold."""
-
-    attributes: tuple[tuple[str, frozenset[str]], ...]
-
-
-@dataclass(frozen=True, slots=True)
-class Requirements:
-    san: SanRequirement | None = None
-    subject: NameRequirement | None = None
-    issuer: NameRequirement | None = None
-    fingerprints: frozenset[str] | None = None
-    ca: TrustBundle | None = None
-    crl: RevocationTable | None = None
-
-
-@dataclass(frozen=True, slots=True)
-class Reject:
-    status: int = 403
-    body: str = "Forbidden\n"
-    content_type: str = "text/plain; charset=utf-8"
-    expose_reason: bool = False
-
-
-@dataclass(frozen=True, slots=True)
-class ApisixSource:
-    type: Literal["apisix"] = "apisix"
-
-
-@dataclass(frozen=True, slots=True)
-class HeaderSource:
-    format: ForwardedFormat
-    header: str
-    chain_header: str | None
-    trusted_proxies: tuple[IPNetwork, ...]
-    ca: TrustBundle
-    type: Literal["header"] = "header"
-
-
-@dataclass(frozen=True, slots=True)
-class Forward:
-    subject: str | None = None
-    san: str | None = None
-    fingerprint: str | None = None
-    xfcc: str | None = None
-
-    def names(self) -> tuple[str, ...]:
-        return tuple(n for n in (self.subject, self.san, self.fingerprint, self.xfcc) if n is not None)
-
-
-@dataclass(frozen=True, slots=True)
-class PolicyConfig:
-    mode: Mode = Mode.ENFORCE
-    exempt: tuple[ExemptRule, ...] = ()
-    require: Requirements = Requirements()
-    require_sni_match: bool = True
-    reject: Reject = Reject()
-    source: ApisixSource | HeaderSource = ApisixSource()
-    forward: Forward = Forward()
-    name: str | None = None  # the named policy of the policy file this was built from, if any
-
-
-# -- primitive readers -------------------------------------------------------------------------------
-
-
-def join_path(path: str, key: str | int) -> str:
-    if isinstance(key, int):
-        return f"{path}[{key}]"
-    return f"{path}.{key}" if path else key
-
-
-def _type_name(value: object) -> str:
-    kinds = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", type(None): "null"}
-    return kinds.get(type(value), type(value).__name__)
-
-
-def read_object(value: object, path: str, allowed: frozenset[str]) -> Mapping[str, object]:
-    """``value`` as an object whose keys are strings from ``allowed`` (else PolicyError at that key)."""
-    if not isinstance(value, Mapping):
-        raise PolicyError(path, f"must be an object, not {_type_name(value)}")
-    for key in value:
-        if not isinstance(key, str):
-            raise PolicyError(path, f"keys must be strings, not {_type_name(key)}")
-        if key not in allowed:
-            raise PolicyError(join_path(path, key), f"unknown key (allowed: {', '.join(sorted(allowed))})")
-    return value
-
-
-def _str(value: object, path: str, *, max_len: int = 256, printable: bool = True) -> str:
-    if not isinstance(value, str):
-        raise PolicyError(path, f"must be a string, not {_type_name(value)}")
-    if not value:
-        raise PolicyError(path, "must not be empty")
-    if len(value) > max_len:
-        raise PolicyError(path, f"longer than {max_len} characters")
-    if printable and not _PRINTABLE.match(value):
-        raise PolicyError(path, "must be printable ASCII")
-    return value
-
-
-def _bool(value: object, path: str) -> bool:
-    if not isinstance(value, bool):
-        raise PolicyError(path, f"must be true or false, not {_type_name(value)}")
-    return value
-
-
-def _list(value: object, path: str, item: Callable[[object, str], _T], *, unique: bool = True) -> tuple[_T, ...]:
-    if isinstance(value, str | bytes) or not isinstance(value, Sequence):
-        raise PolicyError(path, f"must be a list, not {_type_name(value)}")
-    if not value:
-        raise PolicyError(path, "must not be empty")
-    if len(value) > MAX_LIST:
-        raise PolicyError(path, f"more than {MAX_LIST} entries")
-    out = tuple(item(v, join_path(path, i)) for i, v in enumerate(value))
-    if unique:
-        seen: set[object] = set()
-        for i, v in enumerate(out):
-            if isinstance(v, Hashable) and v in seen:
-                raise PolicyError(join_path(path, i), "duplicate entry")
-            seen.add(v)
-    return out
-
-
-def _opt(m: Mapping[str, object], path: str, key: str, read: Callable[[object, str], _T], default: _D) -> _T | _D:
-    """``read`` the optional ``key`` of ``m`` (with its key path), or ``default`` when absent."""
-    return read(m[key], join_path(path, key)) if key in m else default
-
-
-def _parsed(parse: Callable[[str], _T], max_len: int = 512) -> Callable[[object, str], _T]:
-    """Adapt a matchers.parse_* function (ValueError) into an item reader (PolicyError with path)."""
-
-    def read(value: object, path: str) -> _T:
-        try:
-            return parse(_str(value, path, max_len=max_len))
-        except ValueError as exc:
-            if isinstance(exc, PolicyError):
-                raise
-            raise PolicyError(path, str(exc)) from None
-
-    return read
-
-
 def fold_name(name: str) -> str:
     """A (validated, ASCII) header name as CGI-style upstreams read it: codec.fold_header_name."""
     return fold_header_name(name.encode("ascii")).decode("ascii")
 
 
 def _header_name(value: object, path: str) -> str:
-    name = _str(value, path, max_len=128).lower()
+    name = read_str(value, path, max_len=128).lower()
     if not _TOKEN.match(name):
         raise PolicyError(path, "not a valid HTTP header name")
     if fold_name(name) in _RESERVED_HEADERS:
@@ -268,7 +95,7 @@ def _header_name(value: object, path: str) -> str:
 
 
 def _trust_bundle(value: object, path: str) -> TrustBundle:
-    pem = _str(value, path, max_len=MAX_PEM, printable=False)
+    pem = read_str(value, path, max_len=MAX_PEM, printable=False)
     try:
         return TrustBundle.from_pem(pem)
     except CertificateError as exc:
@@ -279,14 +106,14 @@ def _trust_bundle(value: object, path: str) -> TrustBundle:
 
 
 def _method(value: object, path: str) -> str:
-    method = _str(value, path, max_len=16).upper()
+    method = read_str(value, path, max_len=16).upper()
     if method not in APISIX_METHODS:
         raise PolicyError(path, f"unknown method {method!r} (allowed: {' '.join(sorted(APISIX_METHODS))})")
     return method
 
 
 def _regex(value: object, path: str) -> str:
-    pattern = _str(value, path, max_len=MAX_PATTERN_LENGTH, printable=False)
+    pattern = read_str(value, path, max_len=MAX_PATTERN_LENGTH, printable=False)
     try:
         compile_regex(pattern)
     except ValueError as exc:
@@ -296,28 +123,28 @@ def _regex(value: object, path: str) -> str:
 
 def _exempt(value: object, path: str) -> tuple[ExemptRule, ...]:
     keys = frozenset({"id", "path", "methods", "hosts", "preflight"})
-    items = _list(value, path, lambda v, p: v, unique=False)
+    items = read_list(value, path, lambda v, p: v, unique=False)
     if len(items) > MAX_RULES:
         raise PolicyError(path, f"more than {MAX_RULES} rules")
     rules: list[ExemptRule] = []
     for index, item in enumerate(items):
         at = join_path(path, index)
         m = read_object(item, at, keys)
-        preflight = _opt(m, at, "preflight", _bool, False)
+        preflight = read_optional(m, at, "preflight", read_bool, False)
         if not (preflight or keys.difference({"id", "preflight"}).intersection(m)):
             raise PolicyError(at, "needs at least one of path, methods, hosts, or preflight: true")
         rule_id = f"exempt[{index}]"
         if "id" in m:
-            rule_id = _str(m["id"], join_path(at, "id"), max_len=64)
+            rule_id = read_str(m["id"], join_path(at, "id"), max_len=64)
             if not _ID.match(rule_id):
                 raise PolicyError(join_path(at, "id"), "must not start or end with a space")
         if any(r.id == rule_id for r in rules):
             raise PolicyError(join_path(at, "id"), f"duplicate rule id {rule_id!r}")
-        methods = _opt(m, at, "methods", lambda v, p: frozenset(_list(v, p, _method)), None)
+        methods = read_optional(m, at, "methods", lambda v, p: frozenset(read_list(v, p, _method)), None)
         if preflight and methods is not None and methods != {"OPTIONS"}:
             raise PolicyError(join_path(at, "methods"), 'a preflight rule applies to OPTIONS only: omit "methods"')
-        hosts = _opt(m, at, "hosts", lambda v, p: _list(v, p, _parsed(parse_host_pattern)), None)
-        rules.append(ExemptRule(rule_id, _opt(m, at, "path", _regex, None), methods, hosts, preflight))
+        hosts = read_optional(m, at, "hosts", lambda v, p: read_list(v, p, parsed_reader(parse_host_pattern)), None)
+        rules.append(ExemptRule(rule_id, read_optional(m, at, "path", _regex, None), methods, hosts, preflight))
     return tuple(rules)
 
 
@@ -334,7 +161,7 @@ def _name_requirement(value: object, path: str) -> NameRequirement:
         label = key.upper() if key.upper() in NAME_ATTRIBUTES else key
         if any(label == a for a, _ in attrs):
             raise PolicyError(key_path, "attribute listed twice")
-        exact = _list(values, key_path, lambda v, p: _str(v, p, max_len=1024, printable=False))
+        exact = read_list(values, key_path, lambda v, p: read_str(v, p, max_len=1024, printable=False))
         attrs.append((label, frozenset(exact)))
     return NameRequirement(tuple(attrs))
 
@@ -343,9 +170,9 @@ def _route_crl(value: object, path: str, ca: TrustBundle | None) -> RevocationTa
     """require.crl: PEM CRL text (or a list of them), each verified against require.ca right here."""
     if ca is None:
         raise PolicyError(path, "needs require.ca: the route's CRLs are verified against that bundle")
-    pem: Callable[[object, str], str] = lambda v, p: _str(v, p, max_len=MAX_PEM, printable=False)  # noqa: E731
+    pem: Callable[[object, str], str] = lambda v, p: read_str(v, p, max_len=MAX_PEM, printable=False)  # noqa: E731
     try:
-        return route_table(pem(value, path) if isinstance(value, str) else _list(value, path, pem), ca.anchors)
+        return route_table(pem(value, path) if isinstance(value, str) else read_list(value, path, pem), ca.anchors)
     except CrlError as exc:
         raise PolicyError(path, f"invalid CRL: {exc}") from None
 
@@ -359,19 +186,27 @@ def _require(value: object, path: str) -> Requirements:
         if not s:
             raise PolicyError(san_path, "needs at least one of dns, uri, email")
         san = SanRequirement(
-            dns=_opt(s, san_path, "dns", lambda v, p: _list(v, p, _parsed(parse_dns_pattern)), ()),
-            uri=_opt(s, san_path, "uri", lambda v, p: _list(v, p, _parsed(parse_uri_pattern, 2048)), ()),
-            email=_opt(s, san_path, "email", lambda v, p: _list(v, p, _parsed(parse_email_pattern)), ()),
+            dns=read_optional(s, san_path, "dns", lambda v, p: read_list(v, p, parsed_reader(parse_dns_pattern)), ()),
+            uri=read_optional(
+                s, san_path, "uri", lambda v, p: read_list(v, p, parsed_reader(parse_uri_pattern, 2048)), ()
+            ),
+            email=read_optional(
+                s, san_path, "email", lambda v, p: read_list(v, p, parsed_reader(parse_email_pattern)), ()
+            ),
         )
     return Requirements(
         san=san,
-        subject=_opt(m, path, "subject", _name_requirement, None),
-        issuer=_opt(m, path, "issuer", _name_requirement, None),
-        fingerprints=_opt(
-            m, path, "fingerprint_sha256", lambda v, p: frozenset(_list(v, p, _parsed(normalize_fingerprint))), None
+        subject=read_optional(m, path, "subject", _name_requirement, None),
+        issuer=read_optional(m, path, "issuer", _name_requirement, None),
+        fingerprints=read_optional(
+            m,
+            path,
+            "fingerprint_sha256",
+            lambda v, p: frozenset(read_list(v, p, parsed_reader(normalize_fingerprint))),
+            None,
         ),
-        ca=(ca := _opt(m, path, "ca", _trust_bundle, None)),
-        crl=_opt(m, path, "crl", lambda v, p: _route_crl(v, p, ca), None),
+        ca=(ca := read_optional(m, path, "ca", _trust_bundle, None)),
+        crl=read_optional(m, path, "crl", lambda v, p: _route_crl(v, p, ca), None),
     )
 
 
@@ -386,12 +221,12 @@ def _reject(value: object, path: str) -> Reject:
     body = m.get("body", default.body)
     if not isinstance(body, str) or len(body) > MAX_BODY:
         raise PolicyError(join_path(path, "body"), f"must be a string of at most {MAX_BODY} characters")
-    content_type = _opt(m, path, "content_type", _str, default.content_type)
-    return Reject(status, body, content_type, _opt(m, path, "expose_reason", _bool, default.expose_reason))
+    content_type = read_optional(m, path, "content_type", read_str, default.content_type)
+    return Reject(status, body, content_type, read_optional(m, path, "expose_reason", read_bool, default.expose_reason))
 
 
 def _network(value: object, path: str) -> IPNetwork:
-    text = _str(value, path, max_len=64)
+    text = read_str(value, path, max_len=64)
     try:
         # strict: "10.0.0.1/8" is almost always a typo for a narrower range, so refuse to guess.
         return ipaddress.ip_network(text, strict=True)
@@ -418,14 +253,14 @@ def _source(value: object, path: str) -> ApisixSource | HeaderSource:
         if fmt is ForwardedFormat.XFCC:
             raise PolicyError(join_path(path, "chain_header"), "xfcc carries the chain in the header itself")
         chain_header = _header_name(m["chain_header"], join_path(path, "chain_header"))
-    header = _opt(m, path, "header", _header_name, _DEFAULT_HEADERS[fmt])
+    header = read_optional(m, path, "header", _header_name, _DEFAULT_HEADERS[fmt])
     if chain_header is not None and fold_name(header) == fold_name(chain_header):
         raise PolicyError(join_path(path, "chain_header"), "must differ from header")
     return HeaderSource(
         format=fmt,
         header=header,
         chain_header=chain_header,
-        trusted_proxies=_list(m["trusted_proxies"], join_path(path, "trusted_proxies"), _network),
+        trusted_proxies=read_list(m["trusted_proxies"], join_path(path, "trusted_proxies"), _network),
         ca=_trust_bundle(m["ca"], join_path(path, "ca")),
     )
 
@@ -476,11 +311,11 @@ def parse_policy(value: object, path: str = "", *, name: str | None = None) -> P
         raise PolicyError(join_path(path, "mode"), 'must be "enforce" or "report"')
     return PolicyConfig(
         mode=Mode(mode),
-        exempt=_opt(m, path, "exempt", _exempt, ()),
-        require=_opt(m, path, "require", _require, Requirements()),
-        require_sni_match=_opt(m, path, "require_sni_match", _bool, True),
-        reject=_opt(m, path, "reject", _reject, Reject()),
-        source=_opt(m, path, "source", _source, ApisixSource()),
-        forward=_opt(m, path, "forward", _forward, Forward()),
+        exempt=read_optional(m, path, "exempt", _exempt, ()),
+        require=read_optional(m, path, "require", _require, Requirements()),
+        require_sni_match=read_optional(m, path, "require_sni_match", read_bool, True),
+        reject=read_optional(m, path, "reject", _reject, Reject()),
+        source=read_optional(m, path, "source", _source, ApisixSource()),
+        forward=read_optional(m, path, "forward", _forward, Forward()),
         name=name,
     )

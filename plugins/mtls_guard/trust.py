@@ -1,13 +1,10 @@
 """Trust bundles: does a client certificate chain to one of a policy's CA anchors?
 
-Path validation is RFC 5280's, done by ``cryptography.x509.verification`` (client profile): signatures,
-basicConstraints cA and pathLenConstraint, keyCertSign, name constraints, validity at the request's time,
-unknown critical extensions, EKU clientAuth on the leaf and EKU chaining through the CAs. Its CA/B-Forum
-defaults are relaxed only where they go beyond RFC 5280 path validation (``_CA_POLICY``, ``_EE_POLICY``):
-the leaf may lack a SAN, an AKI or an EKU (no EKU = unrestricted), CAs may lack keyUsage, and the
-criticality of AKI/SKI/basicConstraints/EKU is not policed. Two gaps of the verifier are closed, failing
-closed: it never applies name constraints to the subject DN, which policies can match, so a leaf without
-a SAN under a name-constrained CA is refused, and so is any path through a CA with directoryName constraints.
+Paths are validated by ``cryptography.x509.verification`` under the profile of :mod:`.trust_profile`,
+which also holds the checks a bundle passes when it is built. Two gaps of the verifier are closed here,
+failing closed: it never applies name constraints to the subject DN, which policies can match, so a leaf
+without a SAN under a name-constrained CA is refused, and so is any path through a CA with directoryName
+constraints.
 
 A bundle certificate issued by another one of the same bundle is an intermediate, not an anchor, so that
 its issuer's constraints (pathLen, name constraints) apply to it; the others anchor paths, including
@@ -26,21 +23,25 @@ verifier's messages quote them, so they are only matched, never passed on).
 from __future__ import annotations
 
 import bisect
-import functools
 from collections import OrderedDict
 from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Literal, TypeVar
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID, SignatureAlgorithmOID
-from cryptography.x509.verification import Criticality, ExtensionPolicy, Policy, PolicyBuilder, Store, VerificationError
+from cryptography.x509.verification import Store, VerificationError
 
 from .identity import CertificateError, ClientCertificate, IssuerId, extension_value, issuer_id_of, load_pem_chain
+from .trust_profile import (
+    MAX_INTERMEDIATES,
+    SIGNATURE_ALGORITHMS,
+    anchor_depths,
+    bundle_problem,
+    has_directory_names,
+    verifier_builder,
+)
 
-__all__ = ["MAX_INTERMEDIATES", "MAX_SUPPLIED_INTERMEDIATES", "Path", "Reason", "TrustBundle", "issued_by"]
+__all__ = ["MAX_SUPPLIED_INTERMEDIATES", "Path", "Reason", "TrustBundle"]
 
 Reason = Literal[
     "untrusted-issuer",
@@ -51,7 +52,6 @@ Reason = Literal[
     "not-client-cert",
     "name-constraints",
 ]
-MAX_INTERMEDIATES = 4  # on the path between leaf and anchor: at most 5 signature hops
 MAX_SUPPLIED_INTERMEDIATES = 8  # untrusted input; bounds the path search
 CACHE_ENTRIES = 4096  # verified (leaf, chain) pairs, LRU
 FAILURE_CACHE_ENTRIES = 1024  # kept apart so that a flood of bad chains cannot evict good ones
@@ -71,159 +71,6 @@ def _until(not_after: datetime) -> datetime:
     return not_after + _SECOND if not_after < _LATEST - _SECOND else _LATEST
 
 
-# -- the verifier's profile ------------------------------------------------------------------------------
-
-
-def _ca_key_usage(_policy: Policy, _cert: x509.Certificate, usage: x509.KeyUsage | None) -> None:
-    # RFC 5280 s6.1.4(n): keyCertSign is required only when keyUsage is present (CA/B requires keyUsage).
-    if usage is not None and not usage.key_cert_sign:
-        raise ValueError("keyUsage without keyCertSign")
-
-
-def _ca_basic_constraints(_policy: Policy, _cert: x509.Certificate, basic: x509.BasicConstraints) -> None:
-    # cryptography 51 also checks cA outside the validator this replaces; repeated so that no version can lose it.
-    if not basic.ca:
-        raise ValueError("basicConstraints without cA")
-
-
-def _ee_extended_key_usage(_policy: Policy, _cert: x509.Certificate, usage: x509.ExtendedKeyUsage | None) -> None:
-    # RFC 5280 s4.2.1.12: an absent EKU is unrestricted; anyExtendedKeyUsage alone does not grant clientAuth.
-    if usage is not None and ExtendedKeyUsageOID.CLIENT_AUTH not in usage:
-        raise ValueError("extendedKeyUsage without clientAuth")
-
-
-# Criticality is an issuer's duty that RFC 5280 path validation does not check, so it is AGNOSTIC where the
-# defaults insist. Name constraints, EKU chaining, AIA and everything outside these extensions stay default.
-_CA_POLICY = (
-    ExtensionPolicy.webpki_defaults_ca()
-    .may_be_present(x509.KeyUsage, Criticality.AGNOSTIC, _ca_key_usage)
-    .require_present(x509.BasicConstraints, Criticality.AGNOSTIC, _ca_basic_constraints)
-    # Path-building hints only; RFC 5280 also allows the issuer+serial AKI form that CA/B forbids.
-    .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
-    .may_be_present(x509.SubjectKeyIdentifier, Criticality.AGNOSTIC, None)
-)
-_EE_POLICY = (
-    ExtensionPolicy.webpki_defaults_ee()
-    .may_be_present(x509.AuthorityKeyIdentifier, Criticality.AGNOSTIC, None)
-    # RFC 5280 s4.2.1.6 needs a SAN only when the subject is empty; many client certificates carry just a CN.
-    .may_be_present(x509.SubjectAlternativeName, Criticality.AGNOSTIC, None)
-    .may_be_present(x509.ExtendedKeyUsage, Criticality.AGNOSTIC, _ee_extended_key_usage)
-)
-# What the verifier accepts on a certificate it checks (CA/B 7.1.3.2); RSASSA-PSS parameters are not
-# checked here, so an odd PSS variant inside a bundle fails at request time ("untrusted-issuer").
-_SIG = SignatureAlgorithmOID
-_SIGNATURE_ALGORITHMS = frozenset((_SIG.RSA_WITH_SHA256, _SIG.RSA_WITH_SHA384, _SIG.RSA_WITH_SHA512, _SIG.RSASSA_PSS))
-_SIGNATURE_ALGORITHMS |= {_SIG.ECDSA_WITH_SHA256, _SIG.ECDSA_WITH_SHA384, _SIG.ECDSA_WITH_SHA512}
-
-
-def _builder(store: Store) -> PolicyBuilder:
-    return (
-        PolicyBuilder()
-        .store(store)
-        .max_chain_depth(MAX_INTERMEDIATES)
-        .extension_policies(ca_policy=_CA_POLICY, ee_policy=_EE_POLICY)
-    )
-
-
-# -- construction-time checks ----------------------------------------------------------------------------
-
-_PROBED: dict[str, str | None] = {}  # fingerprint -> problem; routes tend to share bundles
-# First matching text of the probe's error -> what to tell the operator (all fixed texts).
-_PROBE_PROBLEMS = (
-    ("RSA key is too weak", "has an RSA key shorter than 2048 bits"),
-    ("public key algorithm", "has a key type the verifier does not support (RSA >= 2048, ECDSA P-256/384/521)"),
-    ("EKU", "has an extendedKeyUsage without clientAuth or anyExtendedKeyUsage"),
-)
-
-
-@functools.cache
-def _probe_key() -> ec.EllipticCurvePrivateKey:
-    return ec.generate_private_key(ec.SECP256R1())
-
-
-def _probe(cert: x509.Certificate) -> str | None:
-    """Why the verifier would refuse ``cert`` as an issuer, found by letting it try.
-
-    The probe leaf names ``cert`` as issuer but is signed by an unrelated key. The verifier checks the
-    issuer's profile, key and the leaf's signature algorithm before the signature itself (cryptography
-    51, Policy::valid_issuer), so "signature does not match" means that everything else passed.
-    """
-    key = _probe_key()
-    at = cert.not_valid_before_utc
-    unusable = "is not usable as a CA by the certificate verifier"
-    try:
-        probe = (
-            x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, "trust bundle probe")]))
-            .issuer_name(cert.subject)
-            .public_key(key.public_key())
-            .serial_number(1)
-            .not_valid_before(at)
-            .not_valid_after(at)
-            .sign(key, hashes.SHA256())
-        )
-        _builder(Store([cert])).time(at).build_client_verifier().verify(probe, [])
-    except VerificationError as exc:
-        message = str(exc).partition(" (encountered processing")[0]
-        if "signature does not match" in message:
-            return None
-        return next((text for needle, text in _PROBE_PROBLEMS if needle in message), unusable)
-    except Exception:  # noqa: BLE001 - whatever else the verifier chokes on, it cannot use this CA
-        return unusable
-    return unusable
-
-
-def _bundle_problem(cert: ClientCertificate) -> str | None:
-    if cert.certificate.version is not x509.Version.v3:
-        return "is not an X.509 v3 certificate"
-    if not cert.is_ca:
-        return "is not a CA (BasicConstraints cA)"
-    usage = extension_value(cert.certificate, x509.KeyUsage)
-    if usage is not None and not usage.key_cert_sign:
-        return "is a CA without keyCertSign in its keyUsage"
-    constraints = extension_value(cert.certificate, x509.NameConstraints)
-    if constraints is not None and _has_directory_names(constraints):
-        return "has directoryName name constraints, which the verifier cannot enforce"
-    if cert.fingerprint_sha256 not in _PROBED:
-        if len(_PROBED) >= 1024:
-            _PROBED.clear()
-        _PROBED[cert.fingerprint_sha256] = _probe(cert.certificate)
-    return _PROBED[cert.fingerprint_sha256]
-
-
-def _has_directory_names(constraints: x509.NameConstraints) -> bool:
-    subtrees = (*(constraints.permitted_subtrees or ()), *(constraints.excluded_subtrees or ()))
-    return any(isinstance(name, x509.DirectoryName) for name in subtrees)
-
-
-def issued_by(child: ClientCertificate, parent: ClientCertificate) -> bool:
-    """Whether ``parent`` issued ``child``: names chain and the signature verifies."""
-    if child.certificate.issuer != parent.certificate.subject:
-        return False
-    try:
-        child.certificate.verify_directly_issued_by(parent.certificate)
-    except Exception:  # noqa: BLE001 - any failure (signature, key type) means "not issued by"
-        return False
-    return True
-
-
-def _depths(bundle: list[ClientCertificate]) -> dict[int, int]:
-    """How many bundle CAs lie between each bundle certificate and an anchor (0: it is one); loops are absent.
-
-    Anchors are the self-issued certificates and those no other bundle certificate issued.
-    """
-    issuers = [
-        [p for p, parent in enumerate(bundle) if p != c and issued_by(cert, parent)] for c, cert in enumerate(bundle)
-    ]
-    depth = {c: 0 for c, cert in enumerate(bundle) if cert.subject == cert.issuer or not issuers[c]}
-    frontier, level = set(depth), 0
-    while frontier:
-        level += 1
-        frontier = {c for c in range(len(bundle)) if c not in depth and not frontier.isdisjoint(issuers[c])}
-        depth.update(dict.fromkeys(frontier, level))
-    return depth
-
-
 # -- request-time helpers --------------------------------------------------------------------------------
 
 
@@ -232,7 +79,7 @@ def _names_unchecked(leaf: ClientCertificate, chain: Sequence[x509.Certificate])
     has_san = extension_value(leaf.certificate, x509.SubjectAlternativeName) is not None
     for cert in chain:
         constraints = extension_value(cert, x509.NameConstraints)
-        if constraints is not None and (not has_san or _has_directory_names(constraints)):
+        if constraints is not None and (not has_san or has_directory_names(constraints)):
             return True
     return False
 
@@ -243,8 +90,8 @@ def _explain(message: str) -> Reason | None:
     Texts of cryptography 51 relied on (src/rust/cryptography-x509-verification): "... name constraint ...",
     "nameConstraints ...", "cert is not valid at validation time", "signature does not match", "chain
     construction exceeds max depth", "path length constraint violated", and the leaf profile's "... EE ..."
-    plus this module's "without clientAuth". Anything else is "untrusted-issuer". The message quotes the
-    certificate it stopped at after " (encountered processing"; that part is cut off before matching.
+    plus :mod:`.trust_profile`'s "without clientAuth". Anything else is "untrusted-issuer". The message
+    quotes the certificate it stopped at after " (encountered processing"; that part is cut off before matching.
     """
     text = message.partition(" (encountered processing")[0]
     if "name constraint" in text or "nameConstraints" in text:
@@ -276,22 +123,22 @@ class TrustBundle:
         if not anchors:
             raise CertificateError("trust bundle is empty")
         for index, anchor in enumerate(anchors, 1):
-            if (problem := _bundle_problem(anchor)) is not None:
+            if (problem := bundle_problem(anchor)) is not None:
                 raise CertificateError(f"trust bundle certificate #{index} {problem}")
         self.anchors = tuple(anchors)
         self.fingerprints = frozenset(a.fingerprint_sha256 for a in anchors)
         unique = list({a.fingerprint_sha256: a for a in anchors}.values())
-        depth = _depths(unique)
+        depth = anchor_depths(unique)
         for c, cert in enumerate(unique):
             where = f"trust bundle certificate #{self.anchors.index(cert) + 1}"
             if c not in depth:
                 raise CertificateError(f"{where} is only issued by bundle CAs that it issues itself")
             if depth[c] > MAX_INTERMEDIATES:
                 raise CertificateError(f"{where} is more than {MAX_INTERMEDIATES} CAs below its root")
-            if depth[c] and cert.certificate.signature_algorithm_oid not in _SIGNATURE_ALGORITHMS:
+            if depth[c] and cert.certificate.signature_algorithm_oid not in SIGNATURE_ALGORITHMS:
                 raise CertificateError(f"{where} is signed with an algorithm the verifier refuses")
         roots = [c for c, level in depth.items() if level == 0]
-        self._builder = _builder(Store([unique[c].certificate for c in roots]))
+        self._builder = verifier_builder(Store([unique[c].certificate for c in roots]))
         self._inner = [cert.certificate for c, cert in enumerate(unique) if depth.get(c)]
         self._by_subject: dict[x509.Name, list[ClientCertificate]] = {}
         for cert in unique:

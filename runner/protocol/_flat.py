@@ -3,8 +3,9 @@
 The generated ``A6`` accessors cost ~0.5 ms per request (runner.md §1.4), so messages are read
 with ``struct`` straight from the payload (``_flat_read``) and written front to back into one
 ``bytearray`` (``_flat_write``). This module is the one namespace both sides of the codec use:
-it re-exports the reader and writer, and holds the A6 conventions that ``codec`` (runner side)
-and ``_peer`` (APISIX side) share, so neither has to import the other's private helpers.
+it re-exports the reader and writer, and holds the A6 conventions that the runner side
+(``_decode``, ``_encode``) and ``_peer`` (APISIX side) share, so neither has to import the other's
+private helpers.
 """
 
 from __future__ import annotations

@@ -1,9 +1,9 @@
 """APISIX's side of the ext-plugin conversation: encode its requests, decode the runner's replies.
 
 The runner never calls these; ``runner.testing``, the tests and the benchmarks do, to play
-APISIX. They live apart from ``codec`` so the runner's own path stays short to read, and are
-re-exported from ``codec`` (their public home). Decoding is as strict as on the runner side:
-malformed payloads raise :class:`DecodeError` and nothing else.
+APISIX. They live apart from the runner side (``_decode``, ``_encode``) so the runner's own path
+stays short to read, and are re-exported from ``codec`` (their public home). Decoding is as strict
+as on the runner side: malformed payloads raise :class:`DecodeError` and nothing else.
 """
 
 from __future__ import annotations

@@ -101,9 +101,9 @@ class PrepareConfRequest:
     key: str | None = None
 
 
-# HTTPReqCall and HTTPRespCall requests are lazy views over the payload; they live in
-# runner.protocol.codec (classes HTTPReqCall and HTTPRespCall) because their fields are read
-# straight from the buffer on first access.
+# HTTPReqCall and HTTPRespCall requests are lazy views over the payload; they live with the
+# decoders (runner.protocol._decode, public under runner.protocol.codec) because their fields are
+# read straight from the buffer on first access.
 
 
 # --- runner -> APISIX ------------------------------------------------------------------------

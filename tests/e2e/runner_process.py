@@ -45,6 +45,8 @@ class RunnerProcess:
             "PATH": os.environ.get("PATH", os.defpath),
             "APISIX_LISTEN_ADDRESS": f"unix:{self.socket_path}",
             "APISIX_CONF_EXPIRE_TIME": "3600",
+            # Under coverage (scripts/test) the runner is measured too; APISIX never passes these.
+            **{k: v for k, v in os.environ.items() if k.startswith("COVERAGE_PROCESS_")},
         }
 
     @property

@@ -467,6 +467,8 @@ def apisix_env(listen: str) -> dict[str, str]:
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "APISIX_LISTEN_ADDRESS": f"unix:{listen}",
         "APISIX_CONF_EXPIRE_TIME": "3600",
+        # Under coverage (scripts/test) the runner is measured too; APISIX never passes these.
+        **{k: v for k, v in os.environ.items() if k.startswith("COVERAGE_PROCESS_")},
     }
 
 

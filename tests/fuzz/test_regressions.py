@@ -1,10 +1,8 @@
 """Fuzz regressions: every saved crash input and every seed replays cleanly through the fuzz harness.
 
 Inputs live in ``tests/fuzz/crashes/<target>/`` (copied there from a fuzzing run) and
-``fuzz/corpus/<target>/`` (written by ``python -m fuzz.make_corpus``). A crash file whose name starts
-with ``<issue>--`` reproduces a bug listed in ``fuzz.harness.KNOWN_ISSUES`` and is a strict xfail
-until that bug is fixed; then rename it (drop the prefix) and delete the KNOWN_ISSUES entry.
-Replays run the harness strictly (no known issue tolerated), exactly as ``python -m fuzz replay`` does.
+``fuzz/corpus/<target>/`` (written by ``python -m fuzz.make_corpus``), through the same harness as
+``python -m fuzz replay``.
 """
 
 from __future__ import annotations
@@ -18,7 +16,7 @@ import pytest
 
 from fuzz import harness, make_corpus
 from plugins.mtls_guard.policy import compile_policy
-from plugins.mtls_guard.schema import PolicyError
+from plugins.mtls_guard.schema_readers import PolicyError
 from runner.protocol import codec
 from runner.protocol.messages import HTTPReqCallReply
 
@@ -28,28 +26,18 @@ CORPUS = ROOT / "fuzz" / "corpus"
 
 
 def inputs(base: Path) -> list[object]:
-    params: list[object] = []
-    for target in harness.TARGETS:
-        directory = base / target
-        for path in sorted(directory.iterdir()) if directory.is_dir() else ():
-            issue = path.name.split("--", 1)[0] if "--" in path.name else None
-            marks = []
-            if issue is not None:
-                assert issue in harness.KNOWN_ISSUES, f"{path.name}: no such known issue {issue!r}"
-                marks.append(pytest.mark.xfail(strict=True, reason=harness.KNOWN_ISSUES[issue]))
-            params.append(pytest.param(target, path, id=f"{target}/{path.name}", marks=marks))
-    return params
-
-
-@pytest.fixture(autouse=True)
-def _strict_harness() -> None:
-    harness.tolerate_known_issues(False)
+    return [
+        pytest.param(target, path, id=f"{target}/{path.name}")
+        for target in harness.TARGETS
+        if (base / target).is_dir()
+        for path in sorted((base / target).iterdir())
+    ]
 
 
 class TestReplay:
     @pytest.mark.parametrize(("target", "path"), inputs(CRASHES))
     def test_crash_input_replays_cleanly(self, target: str, path: Path) -> None:
-        """A saved crash input no longer crashes (or is a strict xfail naming its known issue)."""
+        """A saved crash input no longer crashes."""
         harness.TARGETS[target](path.read_bytes())
 
     @pytest.mark.parametrize(("target", "path"), inputs(CORPUS))

@@ -29,12 +29,19 @@ def _binary() -> str:
     return str(path)
 
 
+def coverage_env() -> dict[str, str]:
+    """What starts coverage in a subprocess when the suite runs under it (scripts/test), else nothing:
+    the runner is measured too, though APISIX would pass it no such variable."""
+    return {k: v for k, v in os.environ.items() if k.startswith("COVERAGE_PROCESS_")}
+
+
 def apisix_env(listen: str, **extra: str) -> dict[str, str]:
     """What APISIX's privileged agent passes: PATH, APISIX_LISTEN_ADDRESS, APISIX_CONF_EXPIRE_TIME."""
     return {
         "PATH": os.environ.get("PATH", "/usr/bin:/bin"),
         "APISIX_LISTEN_ADDRESS": f"unix:{listen}",
         "APISIX_CONF_EXPIRE_TIME": "3600",
+        **coverage_env(),
         **extra,
     }
 
@@ -82,11 +89,25 @@ def spawn(sock_dir: Path) -> Iterator[Spawn]:
         runner.kill()
 
 
-def wait_ready(runner: Runner, path: str) -> None:
-    """Poll until the socket accepts connections (APISIX itself does not wait; tests must)."""
+def socket_inode(path: str) -> int | None:
+    try:
+        return os.lstat(path).st_ino
+    except FileNotFoundError:
+        return None
+
+
+def wait_ready(runner: Runner, path: str, replacing: int | None = None) -> None:
+    """Poll until the socket accepts connections (APISIX itself does not wait; tests must).
+
+    ``replacing``: the inode of a socket file a SIGKILLed runner left behind. Its workers get
+    SIGTERM from the kernel but may still accept on that file for a few milliseconds, so a probe
+    (and a request after it) could reach them and be reset: wait for the new runner's own file."""
     deadline = time.monotonic() + READY_TIMEOUT
     while time.monotonic() < deadline:
         assert runner.proc.poll() is None, f"runner exited {runner.proc.returncode}: {runner.stdout}{runner.stderr}"
+        if replacing is not None and socket_inode(path) in (replacing, None):
+            time.sleep(0.02)
+            continue
         with contextlib.suppress(OSError), socket.socket(socket.AF_UNIX) as probe:
             probe.connect(path)
             return
@@ -196,10 +217,11 @@ class TestServing:
         wait_ready(first, sock_path)
         first.proc.kill()
         first.wait(5)
-        assert stat.S_ISSOCK(os.lstat(sock_path).st_mode)
+        left_behind = os.lstat(sock_path)
+        assert stat.S_ISSOCK(left_behind.st_mode)
 
         second = spawn(apisix_env(sock_path))
-        wait_ready(second, sock_path)
+        wait_ready(second, sock_path, replacing=left_behind.st_ino)
         passed, _ = asyncio.run(one_request(sock_path))
         assert passed.kind == "pass"
         second.proc.send_signal(signal.SIGTERM)

@@ -20,6 +20,12 @@ from typing import Any, ClassVar, NamedTuple
 import pytest
 import yaml
 
+from plugins.mtls_guard.library import PolicyLibrary
+from plugins.mtls_guard.plugin import MtlsGuard
+from plugins.mtls_guard.policy import compile_policy
+from plugins.mtls_guard.schema import parse_policy
+from runner.settings import load_settings
+
 ROOT = Path(__file__).resolve().parents[2]
 DEPLOY = ROOT / "deploy"
 CONF = ROOT / "conf"
@@ -111,8 +117,7 @@ def gen_certs_outputs() -> set[str]:
 
 
 def policy_library() -> Any:
-    library = pytest.importorskip("plugins.mtls_guard.library")
-    return library.PolicyLibrary.from_yaml_file(CONF / "policies.yaml")
+    return PolicyLibrary.from_yaml_file(CONF / "policies.yaml")
 
 
 # -- collecting every mtls-guard attachment ------------------------------------------------------------
@@ -370,8 +375,7 @@ class TestApisixConfigs:
 
     def test_runner_settings_load(self, tmp_path: Path) -> None:
         """conf/mtls-guard.yaml passes the runner's settings validation as APISIX would start it, policy_file too."""
-        settings_module = pytest.importorskip("runner.settings")
-        settings = settings_module.load_settings(
+        settings = load_settings(
             environ={"APISIX_LISTEN_ADDRESS": f"unix:{tmp_path}/r.sock", "APISIX_CONF_EXPIRE_TIME": "3600"},
             config_file=str(CONF / "mtls-guard.yaml"),
         )
@@ -382,10 +386,9 @@ class TestApisixConfigs:
 
     def test_runner_plugin_setup_accepts_options(self) -> None:
         """The mtls-guard plugin accepts its options, with policy_file mapped to the mounted repo file."""
-        plugin_module = pytest.importorskip("plugins.mtls_guard.plugin")
         options = dict(load(CONF / "mtls-guard.yaml")["plugins"]["mtls-guard"])
         options["policy_file"] = str(CONF / "policies.yaml")
-        plugin = plugin_module.MtlsGuard()
+        plugin = MtlsGuard()
         plugin.setup(options)
         assert plugin.library is not None
         assert {"gateway-baseline", "billing-only"} <= set(plugin.library.names())
@@ -467,7 +470,6 @@ class TestStandalone:
 class TestLint:
     def test_rendered_standalone_has_no_lint_errors(self, certs: Path) -> None:
         """`mtls-guard lint` finds no fail-open or broken configuration in the rendered standalone file."""
-        pytest.importorskip("plugins.mtls_guard.lint")
         result = subprocess.run(
             [
                 sys.executable,
@@ -511,7 +513,6 @@ class TestExtPluginAttachments:
 
     def test_policies_compile(self, attachments: list[tuple[str, dict[str, Any]]]) -> None:
         """Every route policy compiles with the runner's policy compiler and the shipped policy library."""
-        compile_policy = pytest.importorskip("plugins.mtls_guard.policy").compile_policy
         library = policy_library()
         for where, conf in attachments:
             for entry in conf["conf"]:
@@ -525,14 +526,13 @@ class TestExtPluginAttachments:
 
     def test_route_exemptions_are_also_global_exemptions(self, attachments: list[tuple[str, dict[str, Any]]]) -> None:
         """The global rule runs before every route, so a route exemption only works if the global rule grants it."""
-        schema = pytest.importorskip("plugins.mtls_guard.schema")
         library = policy_library()
 
         def exemptions(value: str) -> set[tuple[Any, ...]]:
             data = json.loads(value)
             if "policy" in data:
                 data, _ = library.resolve(data)
-            config = schema.parse_policy(data)
+            config = parse_policy(data)
             return {(r.path, r.methods, r.hosts) for r in config.exempt}
 
         baseline = exemptions('{"policy": "gateway-baseline"}')
@@ -607,7 +607,6 @@ class TestDemoExpectations:
     @pytest.mark.parametrize("check", DEMO_CHECKS, ids=lambda c: c.description)
     def test_expected_status(self, check: DemoCheck, certs: Path, admin_bodies: dict[str, Any]) -> None:
         """The runner's decisions for the global rule and then the route give the status the demo expects."""
-        pytest.importorskip("plugins.mtls_guard.explain")
         policies = [
             admin_bodies[body]["plugins"]["ext-plugin-pre-req"]["conf"][0]["value"]
             for body in ("global_rule_body", check.route)

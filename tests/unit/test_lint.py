@@ -19,7 +19,8 @@ from plugins.mtls_guard.lint import LintResult, lint_files, render_json, render_
 from plugins.mtls_guard.lint_coverage import hosts_overlap
 from plugins.mtls_guard.lint_exempt import route_hosts_exempt, rule_may_apply
 from plugins.mtls_guard.lint_findings import CODES, Finding, Findings, Severity
-from plugins.mtls_guard.lint_load import InputError, Resource
+from plugins.mtls_guard.lint_load import Resource
+from plugins.mtls_guard.lint_read import InputError
 from plugins.mtls_guard.lint_regex import analyse, catch_all, may_exempt_route_uri, unmatched_example
 from plugins.mtls_guard.lint_tls import host_covers
 from plugins.mtls_guard.policy import compile_policy

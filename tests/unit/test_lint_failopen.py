@@ -26,7 +26,7 @@ from plugins.mtls_guard.lint_policy import PolicyFinding, policy_findings
 from plugins.mtls_guard.matchers import APISIX_METHODS
 from plugins.mtls_guard.paths import classify_path
 from plugins.mtls_guard.policy import compile_policy
-from plugins.mtls_guard.schema import PolicyConfig
+from plugins.mtls_guard.policy_config import PolicyConfig
 from tests.certs import CertFactory
 
 ROOT = Path(__file__).resolve().parents[2]

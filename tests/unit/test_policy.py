@@ -26,7 +26,7 @@ from plugins.mtls_guard.policy import (
     RequestInput,
     compile_policy,
 )
-from plugins.mtls_guard.schema import Mode
+from plugins.mtls_guard.policy_config import Mode
 from runner.protocol import codec
 from tests.certs import CertFactory, escaped
 

@@ -13,18 +13,18 @@ from plugins.mtls_guard.forwarded import ForwardedFormat
 from plugins.mtls_guard.library import PolicyLibrary
 from plugins.mtls_guard.matchers import EmailPattern, UriPattern
 from plugins.mtls_guard.policy import compile_policy
-from plugins.mtls_guard.schema import (
+from plugins.mtls_guard.policy_config import (
     ApisixSource,
     ExemptRule,
     Forward,
     HeaderSource,
     Mode,
     PolicyConfig,
-    PolicyError,
     Reject,
     Requirements,
-    parse_policy,
 )
+from plugins.mtls_guard.schema import parse_policy
+from plugins.mtls_guard.schema_readers import PolicyError
 from tests.certs import CertFactory
 
 FACTORY = CertFactory()

@@ -15,8 +15,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 from plugins.mtls_guard import trust
 from plugins.mtls_guard.identity import CertificateError, ClientCertificate, load_der, load_pem
 from plugins.mtls_guard.policy import compile_policy
-from plugins.mtls_guard.schema import PolicyError
-from plugins.mtls_guard.trust import MAX_INTERMEDIATES, MAX_SUPPLIED_INTERMEDIATES, TrustBundle
+from plugins.mtls_guard.schema_readers import PolicyError
+from plugins.mtls_guard.trust import MAX_SUPPLIED_INTERMEDIATES, TrustBundle
+from plugins.mtls_guard.trust_profile import MAX_INTERMEDIATES
 from tests.certs import CertFactory, Issued
 
 FACTORY = CertFactory()
