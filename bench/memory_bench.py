@@ -23,7 +23,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from plugins.mtls_guard.devcerts import CertFactory, escaped
+from plugins.mtls_guard.tools.devcerts import CertFactory, escaped
 from runner.testing import FakeApisix, conf
 
 HOST = "api.example.test"

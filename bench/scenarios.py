@@ -174,7 +174,7 @@ _MTLS_GUARD_WORKERS = (1, 2)
 def client_certificate() -> str:
     """A real client certificate as nginx's ``$ssl_client_escaped_cert`` renders it, made once per
     process (the parent's copy travels to the server and the load generator inside the scenario)."""
-    from plugins.mtls_guard.devcerts import CertFactory, escaped
+    from plugins.mtls_guard.tools.devcerts import CertFactory, escaped
 
     factory = CertFactory()
     ca = factory.ca("Bench Client CA")

@@ -2,7 +2,7 @@
 
 They are constants, not generated per run, so seed inputs that carry the leaf keep reaching the
 "verified" paths of mtls-guard in every process. Regenerate with
-``plugins.mtls_guard.devcerts.CertFactory`` (``ca(..., not_before=..., not_after=...)`` and ``leaf``)
+``plugins.mtls_guard.tools.devcerts.CertFactory`` (``ca(..., not_before=..., not_after=...)`` and ``leaf``)
 if they ever need to change, then re-run ``python -m fuzz.make_corpus``.
 """
 

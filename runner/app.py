@@ -128,7 +128,7 @@ def run(
 ) -> int:
     """Serve until SIGTERM/SIGINT; returns the process exit code.
 
-    ``listen_socket``/``shared`` run this process as one worker of runner.supervisor; ``extra`` is a
+    ``listen_socket``/``shared`` run this process as one worker of runner.process.supervisor; ``extra`` is a
     coroutine run beside the server (cancelled at shutdown); ``source`` (how ``settings`` were read)
     enables reloads on SIGHUP and ``reload_watch_seconds`` (runner.reload)."""
     try:

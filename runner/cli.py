@@ -24,9 +24,9 @@ from importlib.metadata import entry_points
 from typing import TYPE_CHECKING, Any, Final, NoReturn, cast
 
 from .app import EXIT_STARTUP_FAILURE, exit_now, run
-from .cpus import usable_cpus
 from .logs import configure_logging
 from .preflight import check_extras, check_socket_path
+from .process.cpus import usable_cpus
 from .registry import COMMANDS_ENTRY_POINT_GROUP, PluginRegistry, RegistryError
 from .reload import catch_early_hangups
 from .server import StartupError
@@ -93,11 +93,11 @@ def _run(args: argparse.Namespace) -> int:
         return EXIT_STARTUP_FAILURE
     usable = usable_cpus()
     if settings.workers > usable:
-        # More workers than CPUs would take turns on the same cores and serve less (runner/cpus.py).
+        # More workers than CPUs would take turns on the same cores and serve less (runner/process/cpus.py).
         log.warning("event=workers_capped requested=%d usable_cpus=%d running=%d", settings.workers, usable, usable)
         settings = dataclasses.replace(settings, workers=usable)
     if settings.workers > 1:
-        from .supervisor import Supervisor
+        from .process.supervisor import Supervisor
 
         code = Supervisor(settings, registry, source).run()
     else:

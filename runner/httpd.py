@@ -6,7 +6,7 @@ request size and time — it is meant for a scraper and a kubelet, not for the i
 
 - ``/healthz``: 200 whenever this loop answers (a single process: the loop serving APISIX; with
   workers: the supervisor's loop). Meant for liveness probes.
-- ``/readyz``: 200 while ``ready()`` holds, else 503 (runner.server / runner.supervisor: listening,
+- ``/readyz``: 200 while ``ready()`` holds, else 503 (runner.server / runner.process.supervisor: listening,
   not stopping, the socket file at the path is still ours, and with workers at least one alive).
   Meant for readiness probes.
 """

@@ -111,7 +111,7 @@ def live_view(
 
 
 def to_json(view: MetricsView) -> dict[str, Any]:
-    """A worker's view, for the supervisor to add up (runner.supervisor)."""
+    """A worker's view, for the supervisor to add up (runner.process.supervisor)."""
     return {
         "rpc": [[t, o, n] for (t, o), n in view.stats.counts.items()],
         "hist": {t: [counts, total[0]] for t, (counts, total) in view.stats.histograms.items()},

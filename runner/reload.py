@@ -12,7 +12,7 @@ never leaves anything half-applied:
    live settings, and a new conf generation, so that every conf token is compiled again on its next
    use (runner.confcache). A call already running finishes with the chain it started with.
 
-With workers the supervisor runs both phases across all processes (runner.workerreload). A failure
+With workers the supervisor runs both phases across all processes (runner.process.workerreload). A failure
 anywhere in the first phase commits nothing anywhere and logs one ``event=reload_failed`` line.
 """
 
@@ -27,10 +27,10 @@ from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, replace
 from typing import Final, Protocol
 
-from .cpus import usable_cpus
 from .logs import NOTICE, prepare_logging
 from .metrics import CounterSnapshot, GaugeSnapshot
 from .plugin import Reconfigurable
+from .process.cpus import usable_cpus
 from .registry import PluginRegistry
 from .settings import Settings, SettingsError, SettingsSource
 from .watch import watch_files
@@ -154,7 +154,7 @@ class ReloadStats:
 
 
 class Fanout(Protocol):
-    """The other processes a reload must reach (runner.workerreload); the same two phases.
+    """The other processes a reload must reach (runner.process.workerreload); the same two phases.
     ``attempt`` numbers every reload, failed ones too, so that an answer is never taken for another's."""
 
     async def prepare(self, attempt: int, settings: Settings) -> None:

@@ -168,7 +168,7 @@ class RunnerServer:
         shared: SharedConfs | None = None,
         balance: ConnectionBalance | None = None,
     ) -> None:
-        """``listen_socket``/``shared``: worker mode under runner.supervisor, which owns the socket
+        """``listen_socket``/``shared``: worker mode under runner.process.supervisor, which owns the socket
         path (binds it, watches it, removes it) and the shared conf-token table."""
         self.settings = settings
         self.registry = registry

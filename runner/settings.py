@@ -12,8 +12,8 @@ from typing import Any, Literal
 
 import yaml
 
-from .cpus import usable_cpus
 from .httpd import parse_host_port
+from .process.cpus import usable_cpus
 from .protocol.messages import MAX_PAYLOAD
 
 __all__ = ["Settings", "SettingsError", "SettingsSource", "load_settings", "parse_listen_address", "path_options"]

@@ -3,7 +3,7 @@
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
-from plugins.mtls_guard.devcerts import CertFactory, Issued, escaped, name_oid
+from plugins.mtls_guard.tools.devcerts import CertFactory, Issued, escaped, name_oid
 
 __all__ = ["CertFactory", "Issued", "crl_der", "crl_pem", "escaped", "name_oid"]
 

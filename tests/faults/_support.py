@@ -522,11 +522,11 @@ class RunnerProcess:
         return children(self.pid)
 
     def rundir(self) -> Path:
-        """The supervisor's private run directory (``python -m runner.worker RUNDIR ...``)."""
+        """The supervisor's private run directory (``python -m runner.process.worker RUNDIR ...``)."""
         for worker in self.workers():
             with contextlib.suppress(OSError, ValueError, IndexError):
                 argv = Path(f"/proc/{worker}/cmdline").read_bytes().split(b"\0")
-                return Path(os.fsdecode(argv[argv.index(b"runner.worker") + 1]))
+                return Path(os.fsdecode(argv[argv.index(b"runner.process.worker") + 1]))
         raise AssertionError("no worker is running")
 
     def wait_ready(self, workers: int, timeout: float = 15.0) -> set[int]:

@@ -22,8 +22,8 @@ from urllib.parse import parse_qs, urlsplit
 import pytest
 import yaml
 
-from plugins.mtls_guard.lint import lint_files
-from plugins.mtls_guard.lint_admin import AdminError, fetch_admin
+from plugins.mtls_guard.tools.lint import lint_files
+from plugins.mtls_guard.tools.lint_admin import AdminError, fetch_admin
 from runner.cli import main as cli_main
 from tests.certs import CertFactory
 

@@ -17,7 +17,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from plugins.mtls_guard.devcerts import escaped
+from plugins.mtls_guard.tools.devcerts import escaped
 from runner.testing import FakeApisix, conf
 from tests.certs import CertFactory, crl_pem
 from tests.integration.test_process import Spawn, apisix_env, wait_ready

@@ -33,7 +33,7 @@ def _children(pid: int) -> list[int]:
 
 def _worker_rundir(worker_pid: int) -> Path:
     argv = Path(f"/proc/{worker_pid}/cmdline").read_bytes().split(b"\0")
-    return Path(argv[argv.index(b"runner.worker") + 1].decode())
+    return Path(argv[argv.index(b"runner.process.worker") + 1].decode())
 
 
 def _wait_for_workers(runner: Runner, count: int) -> list[int]:

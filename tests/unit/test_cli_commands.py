@@ -15,7 +15,7 @@ import runner.cli
 from runner.cli import main
 from runner.registry import COMMANDS_ENTRY_POINT_GROUP
 
-BUNDLED = EntryPoint("mtls-guard", "plugins.mtls_guard.commands:register", COMMANDS_ENTRY_POINT_GROUP)
+BUNDLED = EntryPoint("mtls-guard", "plugins.mtls_guard.tools.commands:register", COMMANDS_ENTRY_POINT_GROUP)
 
 
 def fake_entry_points(monkeypatch: pytest.MonkeyPatch, *targets: tuple[str, str]) -> list[str]:

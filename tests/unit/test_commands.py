@@ -18,9 +18,9 @@ from pathlib import Path
 import pytest
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from plugins.mtls_guard import commands_io, demo
-from plugins.mtls_guard.commands_verify import client_verify
 from plugins.mtls_guard.identity import load_pem_chain
+from plugins.mtls_guard.tools import commands_io, demo
+from plugins.mtls_guard.tools.commands_verify import client_verify
 from runner.cli import main
 from tests.certs import CertFactory
 

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from runner.cpus import usable_cpus
+from runner.process.cpus import usable_cpus
 
 
 @pytest.mark.parametrize(

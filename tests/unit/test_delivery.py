@@ -9,13 +9,13 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from plugins.mtls_guard.explain import explain
 from plugins.mtls_guard.forwarded import build_xfcc
 from plugins.mtls_guard.identity import load_pem
 from plugins.mtls_guard.matchers import authority_host
 from plugins.mtls_guard.plugin import MtlsGuard, _may_override, _mentions_override
 from plugins.mtls_guard.policy import METHOD_OVERRIDE_HEADERS, compile_policy
 from plugins.mtls_guard.schema_readers import PolicyError
+from plugins.mtls_guard.tools.explain import explain
 from runner.protocol import codec
 from tests.certs import CertFactory, escaped
 

@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from plugins.mtls_guard.commands_explain import ASSUMED_VERIFY
-from plugins.mtls_guard.explain import nginx_uri, query_args
+from plugins.mtls_guard.tools.commands_explain import ASSUMED_VERIFY
+from plugins.mtls_guard.tools.explain import nginx_uri, query_args
 from runner.cli import main
 from tests.certs import CertFactory
 

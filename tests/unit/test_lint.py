@@ -15,15 +15,15 @@ import yaml
 
 from plugins.mtls_guard.identity import load_pem
 from plugins.mtls_guard.library import PolicyLibrary
-from plugins.mtls_guard.lint import LintResult, lint_files, render_json, render_text
-from plugins.mtls_guard.lint_coverage import hosts_overlap
-from plugins.mtls_guard.lint_exempt import route_hosts_exempt, rule_may_apply
-from plugins.mtls_guard.lint_findings import CODES, Finding, Findings, Severity
-from plugins.mtls_guard.lint_load import Resource
-from plugins.mtls_guard.lint_read import InputError
-from plugins.mtls_guard.lint_regex import analyse, catch_all, may_exempt_route_uri, unmatched_example
-from plugins.mtls_guard.lint_tls import host_covers
 from plugins.mtls_guard.policy import compile_policy
+from plugins.mtls_guard.tools.lint import LintResult, lint_files, render_json, render_text
+from plugins.mtls_guard.tools.lint_coverage import hosts_overlap
+from plugins.mtls_guard.tools.lint_exempt import route_hosts_exempt, rule_may_apply
+from plugins.mtls_guard.tools.lint_findings import CODES, Finding, Findings, Severity
+from plugins.mtls_guard.tools.lint_load import Resource
+from plugins.mtls_guard.tools.lint_read import InputError
+from plugins.mtls_guard.tools.lint_regex import analyse, catch_all, may_exempt_route_uri, unmatched_example
+from plugins.mtls_guard.tools.lint_tls import host_covers
 from runner.cli import main as cli_main
 from tests.certs import CertFactory, Issued
 

@@ -14,19 +14,19 @@ import pytest
 import yaml
 
 from plugins.mtls_guard.library import PolicyLibrary
-from plugins.mtls_guard.lint import LintResult, lint_files
-from plugins.mtls_guard.lint_findings import CODES, Severity
-from plugins.mtls_guard.lint_pattern import (
+from plugins.mtls_guard.matchers import APISIX_METHODS
+from plugins.mtls_guard.paths import classify_path
+from plugins.mtls_guard.policy import compile_policy
+from plugins.mtls_guard.policy_config import PolicyConfig
+from plugins.mtls_guard.tools.lint import LintResult, lint_files
+from plugins.mtls_guard.tools.lint_findings import CODES, Severity
+from plugins.mtls_guard.tools.lint_pattern import (
     PROBE_PATHS,
     dead_alternatives,
     matches_every_path,
     top_level_alternatives,
 )
-from plugins.mtls_guard.lint_policy import PolicyFinding, policy_findings
-from plugins.mtls_guard.matchers import APISIX_METHODS
-from plugins.mtls_guard.paths import classify_path
-from plugins.mtls_guard.policy import compile_policy
-from plugins.mtls_guard.policy_config import PolicyConfig
+from plugins.mtls_guard.tools.lint_policy import PolicyFinding, policy_findings
 from tests.certs import CertFactory
 
 ROOT = Path(__file__).resolve().parents[2]

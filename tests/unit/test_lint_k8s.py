@@ -13,9 +13,9 @@ import pytest
 import yaml
 
 from plugins.mtls_guard.library import PolicyLibrary
-from plugins.mtls_guard.lint import LintResult, lint_files
-from plugins.mtls_guard.lint_findings import Finding, Severity
-from plugins.mtls_guard.lint_read import InputError
+from plugins.mtls_guard.tools.lint import LintResult, lint_files
+from plugins.mtls_guard.tools.lint_findings import Finding, Severity
+from plugins.mtls_guard.tools.lint_read import InputError
 from runner.cli import main as cli_main
 from tests.certs import CertFactory
 

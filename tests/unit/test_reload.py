@@ -14,7 +14,7 @@ import pytest
 import yaml
 
 from runner import PluginRegistry, Reconfigurable
-from runner.cpus import usable_cpus
+from runner.process.cpus import usable_cpus
 from runner.protocol import codec
 from runner.protocol.messages import RPCType
 from runner.registry import RegistryError

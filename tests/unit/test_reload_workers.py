@@ -1,4 +1,4 @@
-"""A reload across worker processes (runner.workerreload), with the workers' ends in this process."""
+"""A reload across worker processes (runner.process.workerreload), with the workers' ends in this process."""
 
 from __future__ import annotations
 
@@ -13,12 +13,12 @@ import pytest
 import yaml
 
 from runner import PluginRegistry
+from runner.process.rundir import SETTINGS_FILE, read_settings, write_settings
+from runner.process.workerlink import WorkerLink, answer_scrapes
+from runner.process.workerreload import WorkerFanout, WorkerReloads
 from runner.reload import Reloader
-from runner.rundir import SETTINGS_FILE, read_settings, write_settings
 from runner.server import RunnerServer
 from runner.settings import Settings, SettingsSource
-from runner.workerlink import WorkerLink, answer_scrapes
-from runner.workerreload import WorkerFanout, WorkerReloads
 from tests.plugins_for_tests import FileVerdict
 
 

@@ -14,10 +14,10 @@ from cryptography import x509
 from cryptography.x509.oid import ObjectIdentifier
 
 from plugins.mtls_guard.decision import Decision
-from plugins.mtls_guard.explain import explain
 from plugins.mtls_guard.identity import Name, load_pem
 from plugins.mtls_guard.plugin import MtlsGuard
 from plugins.mtls_guard.revocation import STALE_WARNING_INTERVAL, CrlSource, build_table
+from plugins.mtls_guard.tools.explain import explain
 from runner.metrics import GaugeSnapshot
 from tests.certs import CertFactory, Issued, crl_der, crl_pem, escaped
 

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from plugins.mtls_guard.lint import lint_files
+from plugins.mtls_guard.tools.lint import lint_files
 from runner.cli import main
 from tests.certs import CertFactory, crl_der, crl_pem
 

@@ -10,11 +10,11 @@ from typing import Any
 import pytest
 
 from plugins.mtls_guard.decision import Decision
-from plugins.mtls_guard.explain import Explanation, explain
 from plugins.mtls_guard.identity import CertificateCache
 from plugins.mtls_guard.plugin import MtlsGuard
 from plugins.mtls_guard.policy import REASON_HEADER, CompiledPolicy, RequestInput, compile_policy
 from plugins.mtls_guard.schema_readers import PolicyError
+from plugins.mtls_guard.tools.explain import Explanation, explain
 from tests.certs import CertFactory, Issued, crl_pem, escaped
 
 FACTORY = CertFactory()

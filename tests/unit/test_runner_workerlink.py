@@ -1,4 +1,4 @@
-"""runner.workerlink: the supervisor asks each worker for its counters at scrape time."""
+"""runner.process.workerlink: the supervisor asks each worker for its counters at scrape time."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from runner.workerlink import WorkerLink, answer_scrapes, gather_views
+from runner.process.workerlink import WorkerLink, answer_scrapes, gather_views
 
 
 class TestLink:

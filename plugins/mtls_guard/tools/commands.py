@@ -12,6 +12,10 @@ import sys
 from datetime import UTC, datetime
 from typing import Final
 
+from ..library import PolicyLibrary
+from ..policy import compile_policy
+from ..policy_config import PolicyConfig
+from ..schema_readers import PolicyError
 from . import commands_explain, lint
 from .commands_io import (
     EXIT_NEGATIVE,
@@ -23,12 +27,8 @@ from .commands_io import (
     load_policy,
     load_revocation_files,
 )
-from .library import PolicyLibrary
 from .lint_findings import Severity
 from .lint_policy import policy_findings
-from .policy import compile_policy
-from .policy_config import PolicyConfig
-from .schema_readers import PolicyError
 
 __all__ = ["register"]
 

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any, Final
 
-from .identity import CertificateError, ClientCertificate, load_pem
+from ..identity import CertificateError, ClientCertificate, load_pem
 from .lint_findings import Findings
 from .lint_load import Config, Resource
 from .lint_regex import SkipPattern, analyse, catch_all, unmatched_example

@@ -1,11 +1,11 @@
-"""A reload across the supervisor's workers: runner.reload's two phases, over runner.workerlink.
+"""A reload across the supervisor's workers: runner.reload's two phases, over runner.process.workerlink.
 
 The supervisor decides. It reads and checks the settings once (one error line, however many
-workers), stages them in the run directory (runner.rundir) and asks every worker to build them: each
+workers), stages them in the run directory (runner.process.rundir) and asks every worker to build them: each
 worker's plugins read their files themselves, since built state cannot cross processes. Only when
 every worker, and the supervisor's own plugins, built without error does it publish the staged file
 and ask each worker to commit; otherwise every process drops what it built and keeps running as
-before. The supervisor starts no worker while a reload is under way (runner.supervisor), so no
+before. The supervisor starts no worker while a reload is under way (runner.process.supervisor), so no
 worker starts from a file about to be replaced.
 
 A worker reads its requests in order, so a commit the supervisor stopped waiting for still arrives
@@ -19,11 +19,11 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Any
 
-from .registry import PluginRegistry
-from .reload import ReloadError, build
+from ..registry import PluginRegistry
+from ..reload import ReloadError, build
+from ..server import RunnerServer
+from ..settings import Settings, SettingsError
 from .rundir import discard_staged_settings, publish_staged_settings, read_settings, stage_settings
-from .server import RunnerServer
-from .settings import Settings, SettingsError
 from .workerlink import WorkerLink
 
 __all__ = ["WorkerFanout", "WorkerReloads"]
@@ -94,7 +94,7 @@ class WorkerReloads:
         self._aborted = 0
 
     async def handle(self, request: dict[str, Any]) -> dict[str, Any]:
-        """runner.workerlink's control callback."""
+        """runner.process.workerlink's control callback."""
         op, attempt = request.get("op"), request.get("attempt")
         if not isinstance(attempt, int):
             return {"error": "request without an attempt number"}

@@ -9,7 +9,7 @@ Cost: one JSON snapshot per worker per scrape, on the worker's loop, between two
 Wire format over the socketpair: the supervisor sends a 4-byte sequence number, the worker answers
 with that number, a 4-byte length and its ``metrics.to_json`` view. Sequence numbers let a late
 answer (after the supervisor stopped waiting) be told apart and dropped. A sequence number with the
-top bit set is a control request instead (runner.workerreload): a 4-byte length and a JSON object
+top bit set is a control request instead (runner.process.workerreload): a 4-byte length and a JSON object
 follow it, and the worker answers with a JSON object in the same framing. Control requests run as
 tasks of their own, so a slow one (a reload building its state) does not hold up scrapes.
 """

@@ -26,8 +26,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Final
 
-from .matchers import compile_regex
-from .paths import classify_path
+from ..matchers import compile_regex
+from ..paths import classify_path
 
 if TYPE_CHECKING:
     # typeshed describes re._parser / re._constants under their pre-3.11 names.

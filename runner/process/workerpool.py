@@ -2,8 +2,8 @@
 replace one that dies (backing off while it keeps dying), retire a whole generation when the socket
 is re-bound, and stop them all within APISIX's deadline.
 
-The supervisor (runner.supervisor) decides when; this module knows the processes, their links
-(runner.workerlink) and their files in the run directory (runner.rundir).
+The supervisor (runner.process.supervisor) decides when; this module knows the processes, their links
+(runner.process.workerlink) and their files in the run directory (runner.process.rundir).
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import sys
 import time
 from collections.abc import Callable
 
-from .balance import ConnectionBalance
+from ..balance import ConnectionBalance
 from .rundir import BALANCE_FILE, metrics_file, ready_file
 from .workerlink import WorkerLink
 
@@ -46,7 +46,7 @@ class _Worker:
 
 
 class WorkerPool:
-    """N worker slots, each running ``python -m runner.worker`` or waiting to be restarted.
+    """N worker slots, each running ``python -m runner.process.worker`` or waiting to be restarted.
 
     ``listening_fd`` gives the socket to serve when a worker starts: asked each time, since a re-bind
     replaces it. ``rundir`` must be set before the first start.
@@ -69,11 +69,11 @@ class WorkerPool:
 
     def _start(self, worker: _Worker) -> None:
         fd = self._listening_fd()
-        ours, theirs = socket.socketpair()  # the worker's metrics link (runner.workerlink)
+        ours, theirs = socket.socketpair()  # the worker's metrics link (runner.process.workerlink)
         try:
             argv = [self.rundir, str(worker.index), str(fd), str(os.getpid()), str(theirs.fileno())]
             worker.process = subprocess.Popen(  # noqa: S603 - our own interpreter and module
-                [sys.executable, "-m", "runner.worker", *argv], pass_fds=(fd, theirs.fileno())
+                [sys.executable, "-m", "runner.process.worker", *argv], pass_fds=(fd, theirs.fileno())
             )
         except BaseException:
             ours.close()

@@ -21,11 +21,11 @@ import ipaddress
 from dataclasses import dataclass
 from typing import Final
 
-from .library import PolicyLibrary
+from ..library import PolicyLibrary
+from ..matchers import APISIX_METHODS
+from ..policy_config import ExemptRule, HeaderSource, IPNetwork, Mode, PolicyConfig
 from .lint_findings import CODES, Severity
 from .lint_pattern import DeadAlternative, dead_alternatives, matches_every_path
-from .matchers import APISIX_METHODS
-from .policy_config import ExemptRule, HeaderSource, IPNetwork, Mode, PolicyConfig
 
 __all__ = [
     "PolicyFinding",

@@ -29,13 +29,13 @@ from __future__ import annotations
 from collections.abc import Iterable, Iterator, Mapping
 from typing import Final
 
+from ..matchers import DomainSet, compile_regex
+from ..policy_config import ExemptRule
 from .lint_coverage import hosts_overlap, redirects_to_https, route_hosts, route_uris
 from .lint_findings import Findings
 from .lint_load import Config, Resource
 from .lint_plugins import PRE_REQ, GuardUse, PluginAnalysis, plugins_of
 from .lint_policy import methods_unrestricted, path_unrestricted, policy_findings
-from .matchers import DomainSet, compile_regex
-from .policy_config import ExemptRule
 
 __all__ = ["check_exemptions", "route_hosts_exempt", "rule_may_apply"]
 

@@ -15,7 +15,7 @@ import os
 import tempfile
 from pathlib import Path
 
-from .settings import Settings
+from ..settings import Settings
 
 __all__ = [
     "BALANCE_FILE",

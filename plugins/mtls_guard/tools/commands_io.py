@@ -17,14 +17,14 @@ from typing import Any, Final
 
 import yaml
 
-from .crl_files import CrlReadError
-from .identity import MAX_INPUT_BYTES, CertificateError, ClientCertificate, load_der, load_pem_chain
-from .library import PolicyLibrary
-from .options import load_revocation
-from .plugin import MtlsGuard
-from .policy import CompiledPolicy, compile_policy
-from .revocation import CrlError, RevocationTable
-from .schema_readers import PolicyError
+from ..crl_files import CrlReadError
+from ..identity import MAX_INPUT_BYTES, CertificateError, ClientCertificate, load_der, load_pem_chain
+from ..library import PolicyLibrary
+from ..options import load_revocation
+from ..plugin import MtlsGuard
+from ..policy import CompiledPolicy, compile_policy
+from ..revocation import CrlError, RevocationTable
+from ..schema_readers import PolicyError
 
 __all__ = [
     "EXIT_NEGATIVE",

@@ -24,7 +24,8 @@ from importlib.metadata import entry_points
 
 from runner.registry import ENTRY_POINT_GROUP
 
-from .library import PolicyLibrary
+from ..library import PolicyLibrary
+from ..schema_readers import PolicyError
 from .lint_admin import DEFAULT_KEY_ENV, AdminError, AdminSnapshot, fetch_admin
 from .lint_coverage import check_coverage
 from .lint_exempt import check_exemptions
@@ -33,7 +34,6 @@ from .lint_load import Config, load_export, load_files
 from .lint_plugins import PluginAnalysis
 from .lint_read import InputError
 from .lint_tls import check_ssls
-from .schema_readers import PolicyError
 
 __all__ = ["CODES", "LintResult", "lint_files", "main", "register"]
 

@@ -19,9 +19,9 @@ from runner.server import RunnerServer
 from runner.settings import Settings
 from runner.testing import ApisixOutcome, FakeApisix, conf
 
-from .decision import Decision
+from ..decision import Decision
+from ..plugin import MtlsGuard
 from .devcerts import CertFactory, escaped
-from .plugin import MtlsGuard
 
 __all__ = ["main"]
 

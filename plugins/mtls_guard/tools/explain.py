@@ -20,12 +20,12 @@ from runner.protocol import codec
 from runner.protocol.codec import HTTPReqCall
 from runner.protocol.messages import ExtraInfoQuery, Method, Pairs, Stop, VarQuery
 
-from .decision import Decision, RequestInput, host_binds
-from .matchers import DomainSet, authority_host, compile_regex, normalize_host
-from .paths import classify_path
-from .plugin import MtlsGuard, read_facts
-from .policy import METHOD_OVERRIDE_ARG, METHOD_OVERRIDE_HEADERS, CompiledPolicy
-from .policy_config import ExemptRule
+from ..decision import Decision, RequestInput, host_binds
+from ..matchers import DomainSet, authority_host, compile_regex, normalize_host
+from ..paths import classify_path
+from ..plugin import MtlsGuard, read_facts
+from ..policy import METHOD_OVERRIDE_ARG, METHOD_OVERRIDE_HEADERS, CompiledPolicy
+from ..policy_config import ExemptRule
 
 __all__ = ["Explanation", "TableChannel", "explain", "nginx_uri", "query_args"]
 

@@ -12,13 +12,13 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, Final
 
-from .library import PolicyLibrary
+from ..library import PolicyLibrary
+from ..policy import CompiledPolicy, compile_policy
+from ..policy_config import HeaderSource, Mode
+from ..schema_readers import PolicyError
 from .lint_findings import Findings
 from .lint_load import Config, Resource
 from .lint_policy import named_policy_downgrade
-from .policy import CompiledPolicy, compile_policy
-from .policy_config import HeaderSource, Mode
-from .schema_readers import PolicyError
 
 __all__ = ["GUARD", "PRE_REQ", "GuardUse", "PluginAnalysis", "plugins_of"]
 

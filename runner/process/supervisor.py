@@ -2,7 +2,7 @@
 
 APISIX runs one runner per instance but one nginx worker per core; a single Python process would
 cap the gateway at one core. The supervisor binds the socket once and passes the listening file
-descriptor to N workers (``python -m runner.worker``, started and stopped by runner.workerpool), so
+descriptor to N workers (``python -m runner.process.worker``, started and stopped by runner.process.workerpool), so
 the kernel spreads APISIX's connections over them. Conf tokens live in a table shared by all
 workers (runner.sharedconf): a token prepared on one worker works on every other without an extra
 round trip for APISIX.
@@ -10,8 +10,8 @@ round trip for APISIX.
 The supervisor replaces a worker that dies (with back-off if it keeps dying), re-binds the socket if
 the file is deleted (then rolls the workers onto the new one) but never once another runner's file
 took the path, serves /metrics (the workers' counters, asked for at scrape time and added up:
-runner.workerlink), /healthz and /readyz when asked, reloads on SIGHUP (checks the settings once,
-then has every worker apply them: runner.workerreload), and on SIGTERM stops everything within
+runner.process.workerlink), /healthz and /readyz when asked, reloads on SIGHUP (checks the settings once,
+then has every worker apply them: runner.process.workerreload), and on SIGTERM stops everything within
 APISIX's 1 s.
 """
 
@@ -28,16 +28,16 @@ import stat
 import time
 from typing import Literal
 
-from .app import EXIT_OK, EXIT_STARTUP_FAILURE, serving_line, setup_plugins
-from .balance import ConnectionBalance
-from .httpd import HealthEndpoint
-from .metrics import MetricsView, RPCStats, build_registry, live_view, merge, to_json
-from .registry import PluginRegistry
-from .reload import Reloader, ReloadStats, reloading
+from ..app import EXIT_OK, EXIT_STARTUP_FAILURE, serving_line, setup_plugins
+from ..balance import ConnectionBalance
+from ..httpd import HealthEndpoint
+from ..metrics import MetricsView, RPCStats, build_registry, live_view, merge, to_json
+from ..registry import PluginRegistry
+from ..reload import Reloader, ReloadStats, reloading
+from ..server import StartupError, bind_unix_socket, in_use_message, random_first_token, socket_file_is, socket_is_live
+from ..settings import Settings, SettingsSource
+from ..sharedconf import SharedConfs
 from .rundir import BALANCE_FILE, CONFS_FILE, create_run_dir, write_settings
-from .server import StartupError, bind_unix_socket, in_use_message, random_first_token, socket_file_is, socket_is_live
-from .settings import Settings, SettingsSource
-from .sharedconf import SharedConfs
 from .workerlink import gather_views
 from .workerpool import WorkerPool
 from .workerreload import WorkerFanout

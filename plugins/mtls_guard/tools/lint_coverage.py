@@ -12,13 +12,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from typing import Any, Final, Literal
 
-from .identity import ClientCertificate
+from ..identity import ClientCertificate
+from ..trust import TrustBundle
 from .lint_findings import Findings
 from .lint_load import Config, Resource
 from .lint_plugins import PRE_REQ, GuardUse, PluginAnalysis, plugins_of
 from .lint_regex import may_exempt_route_uri
 from .lint_tls import SslInfo
-from .trust import TrustBundle
 
 __all__ = ["check_coverage", "hosts_overlap", "redirects_to_https", "route_hosts", "route_uris"]
 

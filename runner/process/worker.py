@@ -1,10 +1,10 @@
-"""One worker process of runner.supervisor:
-``python -m runner.worker RUNDIR INDEX FD SUPERVISOR_PID LINK_FD``.
+"""One worker process of runner.process.supervisor:
+``python -m runner.process.worker RUNDIR INDEX FD SUPERVISOR_PID LINK_FD``.
 
 It serves the listening socket it inherited (FD) with the settings the supervisor wrote into its
 private run directory, shares conf tokens through the table there, answers the supervisor's
-scrape-time requests for its metrics and its reload requests (runner.workerreload) on LINK_FD
-(runner.workerlink), keeps a copy of its metrics in the run directory as the fallback, and exits
+scrape-time requests for its metrics and its reload requests (runner.process.workerreload) on LINK_FD
+(runner.process.workerlink), keeps a copy of its metrics in the run directory as the fallback, and exits
 when the supervisor is gone (so a SIGKILLed supervisor leaves no orphans serving a socket nobody
 manages).
 """
@@ -24,15 +24,15 @@ import sys
 import time
 from pathlib import Path
 
-from .app import EXIT_STARTUP_FAILURE, exit_now, run, server_gauges
-from .balance import ConnectionBalance
-from .logs import configure_logging
-from .metrics import MetricsSource, RPCStats, live_view, to_json
-from .registry import PluginRegistry, RegistryError
+from ..app import EXIT_STARTUP_FAILURE, exit_now, run, server_gauges
+from ..balance import ConnectionBalance
+from ..logs import configure_logging
+from ..metrics import MetricsSource, RPCStats, live_view, to_json
+from ..registry import PluginRegistry, RegistryError
+from ..server import RunnerServer
+from ..settings import SettingsError
+from ..sharedconf import SharedConfs, SharedConfsError
 from .rundir import BALANCE_FILE, CONFS_FILE, metrics_file, read_settings, ready_file
-from .server import RunnerServer
-from .settings import SettingsError
-from .sharedconf import SharedConfs, SharedConfsError
 from .workerlink import answer_scrapes
 from .workerreload import WorkerReloads
 
@@ -59,7 +59,7 @@ def main(argv: list[str]) -> int:
     rundir, index, fd, parent, link_fd = argv[0], int(argv[1]), int(argv[2]), int(argv[3]), int(argv[4])
     _die_with_parent()
     signal.signal(signal.SIGUSR1, signal.SIG_IGN)  # until the server can retire (see beside())
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come from the supervisor (runner.workerreload)
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # reloads come from the supervisor (runner.process.workerreload)
     if os.getppid() != parent:  # the supervisor died while this worker was starting
         shutil.rmtree(rundir, ignore_errors=True)
         return EXIT_STARTUP_FAILURE

@@ -27,9 +27,9 @@ from typing import Final
 
 from cryptography import x509
 
-from .identity import ClientCertificate, extension_value
-from .trust import Reason, TrustBundle
-from .trust_profile import issued_by
+from ..identity import ClientCertificate, extension_value
+from ..trust import Reason, TrustBundle
+from ..trust_profile import issued_by
 
 __all__ = ["DEFAULT_DEPTH", "ClientVerification", "client_verify"]
 

@@ -16,6 +16,9 @@ from typing import Any, Final
 
 from runner.protocol.messages import METHOD_NAMES
 
+from ..identity import CertificateError, ClientCertificate
+from ..matchers import authority_host
+from ..policy import CompiledPolicy
 from .commands_io import (
     EXIT_NEGATIVE,
     EXIT_USAGE,
@@ -26,9 +29,6 @@ from .commands_io import (
     load_revocation_files,
     read_certificates,
 )
-from .identity import CertificateError, ClientCertificate
-from .matchers import authority_host
-from .policy import CompiledPolicy
 
 __all__ = ["register"]
 
