@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
 import shutil
 import tempfile
 from collections.abc import AsyncIterator, Callable, Iterator
@@ -62,3 +63,17 @@ def serve(registry: PluginRegistry, sock_path: str) -> ServeFactory:
             await task
 
     return run
+
+
+@pytest.fixture
+def logging_restored() -> Iterator[None]:
+    """Code that reconfigures the ``mtls_guard`` logger (a reload, runner.logs): put it back afterwards."""
+    root = logging.getLogger("mtls_guard")
+    handlers, level, propagate = list(root.handlers), root.level, root.propagate
+    yield
+    for handler in [h for h in root.handlers if h not in handlers]:
+        root.removeHandler(handler)
+        handler.close()
+    root.handlers[:0] = [h for h in handlers if h not in root.handlers]
+    root.setLevel(level)
+    root.propagate = propagate

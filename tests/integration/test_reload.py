@@ -156,6 +156,22 @@ async def load(
             await fake.close()
 
 
+def assert_switched_once(per_connection: list[list[Answer]], signalled: float, reloaded: float) -> None:
+    """Every call answered allow or deny (nothing failed), each connection switched from allow to deny
+    exactly once, nothing finished before the signal was denied and nothing started after the reload
+    line was allowed."""
+    answers = [a for connection in per_connection for a in connection]
+    assert len(answers) > 200
+    assert {a.outcome for a in answers} == {"allow", "deny"}, "a call failed or was answered wrongly"
+    for connection in per_connection:
+        outcomes = [a.outcome for a in connection]
+        assert "deny" in outcomes
+        switch = outcomes.index("deny")
+        assert outcomes == ["allow"] * switch + ["deny"] * (len(outcomes) - switch)
+    assert all(a.outcome == "allow" for a in answers if a.ended < signalled)
+    assert all(a.outcome == "deny" for a in answers if a.started > reloaded)
+
+
 class TestUnderLoad:
     @pytest.mark.slow
     def test_sighup_switches_every_connection_once_without_errors(self, spawn: Spawn, deployment: Deployment) -> None:
@@ -180,16 +196,7 @@ class TestUnderLoad:
             return await running, signalled, reloaded
 
         per_connection, signalled, reloaded = asyncio.run(scenario())
-        answers = [a for connection in per_connection for a in connection]
-        assert len(answers) > 200
-        assert {a.outcome for a in answers} == {"allow", "deny"}, "a call failed or was answered wrongly"
-        for connection in per_connection:
-            outcomes = [a.outcome for a in connection]
-            assert "deny" in outcomes
-            switch = outcomes.index("deny")
-            assert outcomes == ["allow"] * switch + ["deny"] * (len(outcomes) - switch)
-        assert all(a.outcome == "allow" for a in answers if a.ended < signalled)
-        assert all(a.outcome == "deny" for a in answers if a.started > reloaded)
+        assert_switched_once(per_connection, signalled, reloaded)
         assert reloaded - signalled < TRANSITION
         assert len(_lines(runner, "reload_failed")) == 1, "one line, not one per worker"
         assert "verdict file" in _lines(runner, "reload_failed")[0]

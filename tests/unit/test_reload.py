@@ -24,6 +24,8 @@ from runner.settings import Settings, SettingsSource
 from runner.testing import FakeApisix, conf, http_req_call_frame
 from tests.plugins_for_tests import FileVerdict, FixedOptions
 
+pytestmark = pytest.mark.usefixtures("logging_restored")  # reloads reconfigure the logger
+
 
 class OtherVerdict(FileVerdict):
     name = "other-verdict"
@@ -42,20 +44,6 @@ class Lines(logging.Handler):
 
     def having(self, text: str) -> list[str]:
         return [line for line in self.lines if text in line]
-
-
-@pytest.fixture(autouse=True)
-def _logging_restored() -> Iterator[None]:
-    """A reload reconfigures the ``mtls_guard`` logger (runner.logs): put it back for later tests."""
-    root = logging.getLogger("mtls_guard")
-    handlers, level, propagate = list(root.handlers), root.level, root.propagate
-    yield
-    for handler in [h for h in root.handlers if h not in handlers]:
-        root.removeHandler(handler)
-        handler.close()
-    root.handlers[:0] = [h for h in handlers if h not in root.handlers]
-    root.setLevel(level)
-    root.propagate = propagate
 
 
 @pytest.fixture

@@ -21,6 +21,8 @@ from runner.server import RunnerServer
 from runner.settings import Settings, SettingsSource
 from tests.plugins_for_tests import FileVerdict
 
+pytestmark = pytest.mark.usefixtures("logging_restored")  # reloads reconfigure the logger
+
 
 class Refusing(FileVerdict):
     """Starts, then refuses every reload, as a worker whose file read failed would."""
@@ -37,20 +39,6 @@ class StubServer:
 
     def apply_settings(self, settings: Settings) -> None:
         self.applied.append(settings)
-
-
-@pytest.fixture(autouse=True)
-def _logging_restored() -> Iterator[None]:
-    """A reload reconfigures the ``mtls_guard`` logger (runner.logs): put it back for later tests."""
-    root = logging.getLogger("mtls_guard")
-    handlers, level, propagate = list(root.handlers), root.level, root.propagate
-    yield
-    for handler in [h for h in root.handlers if h not in handlers]:
-        root.removeHandler(handler)
-        handler.close()
-    root.handlers[:0] = [h for h in handlers if h not in root.handlers]
-    root.setLevel(level)
-    root.propagate = propagate
 
 
 @pytest.fixture
