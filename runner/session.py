@@ -114,10 +114,6 @@ class Session:
     def busy(self) -> bool:
         return self._call is not None
 
-    @property
-    def call_started(self) -> float | None:
-        return None if self._call is None else self._call.started
-
     def data_received(self, data: bytes) -> None:
         if self.closed:
             return
