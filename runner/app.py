@@ -179,9 +179,12 @@ def run(
                 await server.serve()
         finally:
             server.remove_signal_handlers()
-            for task in (side, handover):
-                if task is not None:
-                    task.cancel()
+            tasks = [task for task in (side, handover) if task is not None]
+            for task in tasks:
+                task.cancel()
+            # Awaited, not only cancelled: the loop closes right after, and a task still pending then is
+            # destroyed mid-cleanup (a worker's scrape link closed its transport on a closed loop: tracebacks).
+            await asyncio.gather(*tasks, return_exceptions=True)
             if endpoint is not None:
                 await endpoint.close()
         return EXIT_OK
