@@ -149,3 +149,45 @@ def test_lint_reports_an_invalid_route_crl_as_mg022(tmp_path: Path, pki: dict[st
     findings = [f for f in lint_files([str(path)], now=NOW).findings if f.code == "MG022"]
     assert len(findings) == 1
     assert "require.crl: invalid CRL" in findings[0].message
+
+
+class TestLintCrlFiles:
+    """``lint --crl/--crl-issuer`` checks the runner's crl_files as the runner loads them."""
+
+    STANDALONE = str(Path(__file__).resolve().parents[1] / "fixtures" / "lint" / "host-exemptions.yaml")
+
+    def codes(self, capsys: pytest.CaptureFixture[str], *argv: str) -> tuple[int, set[str]]:
+        code, out, _ = run(capsys, "lint", "--format", "json", self.STANDALONE, *argv)
+        return code, {f["code"] for f in json.loads(out)["findings"]}
+
+    def test_valid_crl_adds_no_finding(self, capsys: pytest.CaptureFixture[str], pki: dict[str, str]) -> None:
+        """A CRL that verifies against its issuer and is current gives neither MG080 nor MG081."""
+        _, codes = self.codes(capsys, "--crl", pki["root.crl"], "--crl-issuer", pki["ca.pem"])
+        assert not codes & {"MG080", "MG081"}
+
+    def test_forged_crl_is_an_error(self, capsys: pytest.CaptureFixture[str], pki: dict[str, str]) -> None:
+        """A CRL whose signature does not verify is MG080, an error: lint exits 1."""
+        code, codes = self.codes(capsys, "--crl", pki["forged.crl"], "--crl-issuer", pki["ca.pem"])
+        assert code == 1
+        assert "MG080" in codes
+
+    def test_crl_of_an_unknown_issuer_is_an_error(
+        self, capsys: pytest.CaptureFixture[str], pki: dict[str, str]
+    ) -> None:
+        """Without its issuer among --crl-issuer, the runner would refuse the CRL: MG080."""
+        _, codes = self.codes(capsys, "--crl", pki["root.crl"])
+        assert "MG080" in codes
+
+    def test_stale_crl_is_a_warning(self, capsys: pytest.CaptureFixture[str], pki: dict[str, str]) -> None:
+        """A CRL past its nextUpdate is MG081 (its issuer's certificates are denied as crl-stale)."""
+        _, codes = self.codes(capsys, "--crl", pki["stale.crl"], "--crl-issuer", pki["ca.pem"])
+        assert "MG081" in codes
+
+    def test_unreadable_crl_exits_2(self, capsys: pytest.CaptureFixture[str], pki: dict[str, str]) -> None:
+        """A CRL file that cannot be read is unreadable input: exit 2, one line."""
+        code, out, err = run(
+            capsys, "lint", self.STANDALONE, "--crl", pki["missing.crl"], "--crl-issuer", pki["ca.pem"]
+        )
+        assert (code, out) == (2, "")
+        assert err.count("\n") == 1
+        assert "missing.crl" in err

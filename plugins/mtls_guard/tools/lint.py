@@ -24,7 +24,10 @@ from importlib.metadata import entry_points
 
 from runner.registry import ENTRY_POINT_GROUP
 
+from ..crl_files import CrlReadError
 from ..library import PolicyLibrary
+from ..options import load_revocation
+from ..revocation import CrlError
 from ..schema_readers import PolicyError
 from .lint_admin import DEFAULT_KEY_ENV, AdminError, AdminSnapshot, fetch_admin
 from .lint_coverage import check_coverage
@@ -65,6 +68,8 @@ def lint_files(
     library: PolicyLibrary | None = None,
     known_plugins: Iterable[str] | None = None,
     admin: AdminSnapshot | None = None,
+    crl_files: Sequence[str] = (),
+    crl_issuer_files: Sequence[str] = (),
 ) -> LintResult:
     """Lint one configuration spread over ``paths`` and ``admin`` (objects already fetched from a live
     Admin API); raises InputError for unreadable input."""
@@ -81,7 +86,38 @@ def lint_files(
     ssls = check_ssls(config, findings, now=now or datetime.now(UTC), warn_days=expiry_warning_days)
     check_coverage(config, findings, ssls, plugins)
     check_exemptions(config, findings, plugins)
+    if crl_files or crl_issuer_files:
+        check_crls(findings, crl_files, crl_issuer_files, library, now or datetime.now(UTC))
     return LintResult(config, findings)
+
+
+def check_crls(
+    findings: Findings,
+    crl_files: Sequence[str],
+    issuer_files: Sequence[str],
+    library: PolicyLibrary | None,
+    now: datetime,
+) -> None:
+    """MG080/MG081: the runner's crl_files as it loads them (options.load_revocation), so a CRL that would
+    stop the runner or fail a reload is found in CI; InputError for a file that cannot be read."""
+    try:
+        table = load_revocation(crl_files, issuer_files, library)
+    except CrlReadError as exc:
+        raise InputError(f"--crl/--crl-issuer {exc}") from None
+    except CrlError as exc:
+        fix = "verify it against crl_issuer_files (openssl crl -verify -CAfile ISSUER.pem -in FILE) and replace it"
+        findings.add("MG080", "crl_files", str(exc), fix)
+        return
+    for info in table.crls:
+        if info.next_update is not None and now >= info.next_update:
+            findings.add(
+                "MG081",
+                "crl_files",
+                f"{info.source} (issuer {info.issuer!r}) is past its nextUpdate {info.next_update:%Y-%m-%d %H:%M}Z: "
+                "every certificate of its issuer is denied (crl-stale) unless stale_crl: allow",
+                "publish a fresh CRL from the issuing CA, then kill -HUP the runner",
+                source=info.source,
+            )
 
 
 # -- rendering ---------------------------------------------------------------------------------------
@@ -173,6 +209,20 @@ def register(sub: argparse._SubParsersAction[argparse.ArgumentParser]) -> None:
     p.add_argument("--format", choices=("text", "json"), default="text")
     p.add_argument("--expiry-warning-days", type=int, default=30, metavar="DAYS")
     p.add_argument("--policy-file", help="runner policy library (YAML) for named policies")
+    p.add_argument(
+        "--crl",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="the runner's crl_files (file or directory, PEM or DER): verified as the runner loads them; repeatable",
+    )
+    p.add_argument(
+        "--crl-issuer",
+        action="append",
+        default=[],
+        metavar="FILE",
+        help="PEM bundle of the CRLs' issuers (crl_issuer_files); --policy-file CA bundles count too; repeatable",
+    )
     p.add_argument("--now", help="evaluate certificate dates at this ISO 8601 time (default: now)")
     p.add_argument(
         "--plugin",
@@ -204,6 +254,8 @@ def main(args: argparse.Namespace) -> int:
             library=library,
             known_plugins=installed_plugins() | set(args.plugin),
             admin=admin,
+            crl_files=args.crl,
+            crl_issuer_files=args.crl_issuer,
         )
     except (InputError, PolicyError, AdminError) as exc:
         print(f"mtls-guard lint: {exc}", file=sys.stderr)

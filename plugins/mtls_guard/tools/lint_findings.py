@@ -84,6 +84,9 @@ CODES: Final[dict[str, tuple[Severity, str]]] = {
     "MG075": (_W, "source header trusts a very broad range as proxies (wider than /8 IPv4, /16 IPv6)"),
     "MG076": (_W, "require_sni_match: false accepts a certificate presented for another SNI (coalesced HTTP/2)"),
     "MG077": (_W, "a route switches an enforcing named policy to report mode"),
+    # the runner's CRL files (--crl / --crl-issuer)
+    "MG080": (_E, "a CRL file the runner cannot use (unknown issuer, bad signature, unparsable)"),
+    "MG081": (_W, "a CRL past its nextUpdate: its issuer's certificates are denied (crl-stale)"),
 }
 
 
